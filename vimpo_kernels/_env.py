@@ -1,0 +1,13 @@
+"""Every VIMPO_* environment variable the runtime reads, in one place (the build reads its
+own in setup.py)."""
+
+import os
+
+# Force the default backend of `backend="auto"` (e.g. "torch" to debug against the reference).
+DEFAULT_BACKEND = os.environ.get("VIMPO_BACKEND", "auto")
+# Rows per chunk of the compiled CPU/CUDA backends (0 = the backend's own choice).
+CHUNK_ROWS = int(os.environ.get("VIMPO_CHUNK_ROWS", "0"))
+# Where the golden vectors live (tests only).
+GOLDEN_DIR = os.environ.get("VIMPO_GOLDEN_DIR")
+# Triton's interpreter runs kernels on CPU tensors (slow; for correctness tests only).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

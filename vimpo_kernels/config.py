@@ -1,0 +1,254 @@
+"""`VIMPOConfig`: every knob of the VIMPO loss (and the GRPO-family baselines), in one place.
+
+Defaults are the paper recipe (`recipe/vimpo/run_vimpo.sh` of the authors' code, see
+`shared/spec/vimpo-math.md` section 15). The config is validated on construction, so a bad
+value fails where it is written, not deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+ALGORITHMS = ("vimpo", "grpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("exact", "k2", "k3", "candidate_set")
+VALUE_LOSS_TYPES = ("squared_error", "huber")
+VALUE_TYPES = ("raw", "soft")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+WHITEN_VARIANCES = ("biased", "unbiased")
+NAN_POLICIES = ("raise", "ignore")
+
+# What each GRPO-family algorithm changes relative to the dataclass defaults (which are the
+# VIMPO paper recipe). `for_algorithm` applies these; explicit keyword arguments win.
+_ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "vimpo": {},
+    # GRPO: std-normalised group advantage, symmetric clip.
+    "grpo": {"clip_ratio_high": 0.2},
+    # Dr.GRPO: no std normalisation, constant-length (mask width) normalisation.
+    "dr_grpo": {"clip_ratio_high": 0.2, "loss_agg_mode": "seq-mean-token-sum-norm"},
+    # DAPO: token-mean with clip-higher (what the paper's GRPO arm runs).
+    "dapo": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean"},
+}
+
+
+@dataclass(frozen=True)
+class VIMPOConfig:
+    """Hyper-parameters of the VIMPO loss and its GRPO-family baselines.
+
+    Symbols refer to `shared/spec/vimpo-math.md`.
+    """
+
+    algorithm: str = "vimpo"
+    """`vimpo` (implicit value, reverse-scan advantage), `grpo`, `dr_grpo` or `dapo`."""
+
+    # --- VIMPO token term and value loss (spec sections 4-7) ---
+    beta: float = 5e-4
+    """beta: scale of the log-ratio and KL token terms."""
+    kl_estimator: str = "exact"
+    """Per-token KL: `exact` (full vocabulary), `candidate_set` (top-k of the policy), `k2`, `k3`."""
+    candidate_kl_topk: int = 32
+    """K for `kl_estimator="candidate_set"`."""
+    detach_kl: bool = True
+    """sg[kappa]: the KL is a constant in the loss (paper)."""
+    value_type: str = "raw"
+    """`raw` (paper) or `soft` (experimental: no KL in the prediction, no actor)."""
+    value_loss_type: str = "squared_error"
+    huber_delta: float = 0.005
+    value_loss_coeff: float = 1.0
+    value_loss_normalized: bool = False
+    """Divide the value loss by D = mean over the batch of (R - b)^2 (float32, must be >= 1e-4)."""
+    cap_v0: Optional[float] = None
+    """Cap on the group baseline b (min(b, cap_v0)); None = no cap."""
+
+    # --- actor (sections 8-11) ---
+    actor_coeff: float = 5e-3
+    """c_A: weight of the PPO actor loss."""
+    lam: float = 1.0
+    """lambda of the reverse-scan advantage."""
+    whiten_adv: bool = True
+    whiten_variance: str = "biased"
+    """`biased`: float64 sums, population variance, all-reduced over ranks (the authors'
+    multi-GPU formula, `_dpN`; what the 8-GPU paper run used, and it is the same formula on one
+    process and on many). `unbiased`: the authors' single-process formula (`_dp1`), Bessel
+    corrected, +1e-8 in the denominators, undefined for a micro-batch with one valid token."""
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    """Dual-clip constant c (> 1)."""
+    loss_agg_mode: str = "token-mean"
+    loss_agg_norm_len: Optional[int] = None
+    """Divisor of `seq-mean-token-sum-norm`; None = the mask width T (what the reference does)."""
+    adaptive_actor_coeff: bool = False
+    adaptive_alpha: float = 0.025
+    adaptive_ema_decay: float = 0.9
+    adaptive_eps: float = 1e-12
+
+    # --- GRPO family (section 12) ---
+    grpo_epsilon: float = 1e-6
+    """Added to the group std before dividing (`grpo`, `dapo`)."""
+    kl_loss_coeff: float = 0.0
+    """GRPO-family only: coefficient of a per-token k3 KL penalty against the reference
+    log-probs (TRL/Liger style). 0 in the authors' GRPO arm."""
+
+    # --- sampling and input policy ---
+    temperature: float = 1.0
+    """Both policy and reference logits are divided by it before the softmax."""
+    nan_policy: str = "raise"
+    """`raise`: NaN/Inf in a valid position of any input or in a reward raises ValueError
+    (costs one device sync). `ignore`: no check; a NaN propagates into the loss."""
+
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Reference knobs that do not change our numbers (kept for provenance)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("value_type", self.value_type, VALUE_TYPES)
+        _check_choice("value_loss_type", self.value_loss_type, VALUE_LOSS_TYPES)
+        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check_choice("whiten_variance", self.whiten_variance, WHITEN_VARIANCES)
+        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _check_real("beta", self.beta, low=0.0)
+        _check_real("actor_coeff", self.actor_coeff, low=0.0)
+        _check_real("value_loss_coeff", self.value_loss_coeff, low=0.0)
+        _check_real("kl_loss_coeff", self.kl_loss_coeff, low=0.0)
+        _check_real("lam", self.lam, low=0.0, high=1.0)
+        _check_real("huber_delta", self.huber_delta, low=0.0, open_low=True)
+        _check_real("clip_ratio_low", self.clip_ratio_low, low=0.0, high=1.0)
+        _check_real("clip_ratio_high", self.clip_ratio_high, low=0.0)
+        _check_real("clip_ratio_c", self.clip_ratio_c, low=1.0, open_low=True)
+        _check_real("temperature", self.temperature, low=0.0, open_low=True)
+        _check_real("grpo_epsilon", self.grpo_epsilon, low=0.0)
+        _check_real("adaptive_alpha", self.adaptive_alpha, low=0.0)
+        _check_real("adaptive_ema_decay", self.adaptive_ema_decay, low=0.0, high=1.0, open_high=True)
+        _check_real("adaptive_eps", self.adaptive_eps, low=0.0, open_low=True)
+        if self.cap_v0 is not None:
+            _check_real("cap_v0", self.cap_v0)
+        if self.kl_estimator == "candidate_set":
+            if not isinstance(self.candidate_kl_topk, int) or self.candidate_kl_topk < 1:
+                raise ValueError(
+                    f"candidate_kl_topk must be a positive int with kl_estimator='candidate_set', "
+                    f"got {self.candidate_kl_topk!r}")
+        if self.loss_agg_norm_len is not None and (
+                not isinstance(self.loss_agg_norm_len, int) or self.loss_agg_norm_len < 1):
+            raise ValueError(f"loss_agg_norm_len must be a positive int or None, got {self.loss_agg_norm_len!r}")
+        if self.algorithm == "vimpo":
+            if self.value_type == "raw" and self.kl_estimator == "k1":  # pragma: no cover - k1 not offered
+                raise ValueError("k1 makes the raw token term identically zero")
+            if self.adaptive_actor_coeff:
+                if not self.detach_kl:
+                    raise ValueError("adaptive_actor_coeff=True requires detach_kl=True (as the reference)")
+        elif self.value_type != "raw":
+            raise ValueError(f"value_type={self.value_type!r} only applies to algorithm='vimpo'")
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def is_grpo_family(self) -> bool:
+        return self.algorithm != "vimpo"
+
+    @property
+    def grpo_norm_by_std(self) -> bool:
+        """GRPO and DAPO divide the centred reward by the group std; Dr.GRPO does not."""
+        return self.algorithm in ("grpo", "dapo")
+
+    @property
+    def needs_exact_kl(self) -> bool:
+        """True when the loss needs the full-vocabulary KL from the kernels."""
+        return self.algorithm == "vimpo" and self.kl_estimator in ("exact", "candidate_set")
+
+    @property
+    def has_actor(self) -> bool:
+        return not (self.algorithm == "vimpo" and self.value_type == "soft")
+
+    def replace(self, **changes: Any) -> "VIMPOConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_algorithm(cls, algorithm: str, **overrides: Any) -> "VIMPOConfig":
+        """The config of `algorithm` with its customary defaults, then `overrides`."""
+        _check_choice("algorithm", algorithm, ALGORITHMS)
+        return cls(algorithm=algorithm, **{**_ALGORITHM_PRESETS[algorithm], **overrides})
+
+    @classmethod
+    def from_reference(cls, hparams: Mapping[str, Any]) -> "VIMPOConfig":
+        """Build a config from the `hyperparameters` of a golden `cases.json` entry.
+
+        The keys are the authors' names. Knobs that describe the *case* rather than the loss
+        (`on_policy`, `adaptive_ema_in`, `loss_scale_factor`, `use_rollout_is_weights`,
+        `global_batch_info`) and knobs that do not change the numbers (`vocab_chunk_size`:
+        our kernels always accumulate the vocabulary in fp32 or better; `clip_ratio`, which
+        the reference only uses as the default of the low/high pair) land in `extra`.
+        """
+        h = dict(hparams)
+        unknown = set(h) - _REFERENCE_KEYS
+        if unknown:
+            raise ValueError(f"from_reference: unknown hyperparameter(s) {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        if "norm_adv_by_std_in_grpo" in h:  # a GRPO-family case
+            kwargs["algorithm"] = "grpo" if h["norm_adv_by_std_in_grpo"] else "dr_grpo"
+            if "primary_mode" in h:
+                kwargs["loss_agg_mode"] = h["primary_mode"]
+            if "epsilon" in h:
+                kwargs["grpo_epsilon"] = float(h["epsilon"])
+            if h.get("loss_scale_factor_for_seq_mean_token_sum_norm") is not None:
+                kwargs["loss_agg_norm_len"] = int(h["loss_scale_factor_for_seq_mean_token_sum_norm"])
+        for ref_name, ours in _REFERENCE_TO_FIELD.items():
+            if ref_name in h:
+                kwargs[ours] = h[ref_name]
+        if "clip_ratio_low" not in h and "clip_ratio" in h:
+            kwargs["clip_ratio_low"] = h["clip_ratio"]
+        if "clip_ratio_high" not in h and "clip_ratio" in h:
+            kwargs["clip_ratio_high"] = h["clip_ratio"]
+        if kwargs.get("kl_estimator") != "candidate_set" and not kwargs.get("candidate_kl_topk"):
+            kwargs.pop("candidate_kl_topk", None)  # 0 means "unused" in the reference
+        extra = {k: v for k, v in h.items() if k in _REFERENCE_CASE_KEYS}
+        return cls(**kwargs, extra=extra)
+
+
+_REFERENCE_TO_FIELD = {
+    "beta": "beta",
+    "actor_coeff": "actor_coeff",
+    "lam": "lam",
+    "value_loss_type": "value_loss_type",
+    "huber_delta": "huber_delta",
+    "value_loss_normalized": "value_loss_normalized",
+    "value_loss_coeff": "value_loss_coeff",
+    "kl_estimator": "kl_estimator",
+    "detach_kl": "detach_kl",
+    "candidate_kl_topk": "candidate_kl_topk",
+    "clip_ratio_low": "clip_ratio_low",
+    "clip_ratio_high": "clip_ratio_high",
+    "clip_ratio_c": "clip_ratio_c",
+    "temperature": "temperature",
+    "whiten_adv": "whiten_adv",
+    "cap_v0": "cap_v0",
+    "loss_agg_mode": "loss_agg_mode",
+    "adaptive_actor_coeff": "adaptive_actor_coeff",
+    "adaptive_alpha": "adaptive_alpha",
+    "adaptive_ema_decay": "adaptive_ema_decay",
+    "adaptive_eps": "adaptive_eps",
+}
+_REFERENCE_CASE_KEYS = {
+    "on_policy", "adaptive_ema_in", "loss_scale_factor", "use_rollout_is_weights",
+    "global_batch_info", "vocab_chunk_size", "clip_ratio",
+}
+_REFERENCE_KEYS = (set(_REFERENCE_TO_FIELD) | _REFERENCE_CASE_KEYS | {
+    "norm_adv_by_std_in_grpo", "primary_mode", "epsilon",
+    "loss_scale_factor_for_seq_mean_token_sum_norm"})
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+                open_low: bool = False, open_high: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (open_low and value == low) or value > high or (open_high and value == high):
+        lo = "(" if open_low else "["
+        hi = ")" if open_high else "]"
+        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")

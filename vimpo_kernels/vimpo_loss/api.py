@@ -1,0 +1,97 @@
+"""`fused_vimpo_loss`: the VIMPO loss from hidden states and LM-head weights, end to end.
+
+The per-token statistics come from `fused_linear_logprobs` (no N x V logits outside the
+`torch` reference backend); the O(B*T) sequence/group epilogue is `vimpo_loss`, the one
+definition of the math. Autograd joins them: the epilogue yields d loss / d logp (and d loss /
+d KL when the KL is not detached) per token, and the log-prob kernels' backward recomputes
+the logits tile by tile to turn them into gradients of hidden, weight and bias.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..config import VIMPOConfig
+from ..logprobs.api import fused_linear_logprobs
+from ..logprobs.reference import linear_logprobs_reference
+from .reference import vimpo_loss
+from ..validate import check_mask, check_tensor
+
+
+def fused_vimpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    config: Optional[VIMPOConfig] = None,
+    backend: str = "auto",
+    **loss_kwargs: Any,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VIMPO (or GRPO/Dr.GRPO/DAPO) loss of one micro-batch from final hidden states.
+
+    Args:
+        hidden: (B, T, H) policy hidden states that score response token t (already shifted).
+        weight: (V, H) policy LM head; bias: optional (V,).
+        targets, mask: (B, T) response token ids and the 1/0 response mask.
+        rewards: (B,) outcome rewards; group_ids: (B,) int prompt-group ids.
+        ref_hidden, ref_weight, ref_bias: the frozen reference model's hidden states and head
+            (required by `vimpo`; by the GRPO family only with `kl_loss_coeff > 0` and no
+            `ref_logprobs`).
+        ref_logprobs: (B, T) precomputed reference log-probs (GRPO family): skips the
+            reference forward.
+        old_logprobs, rollout_is_weights: (B, T), see `vimpo_loss`.
+        config: `VIMPOConfig` (default: the paper recipe).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+        **loss_kwargs: forwarded to `vimpo_loss` (baseline, advantages, value_norm_denom,
+            num_tokens, num_sequences, process_group, ...).
+
+    Returns:
+        (loss, metrics); `loss.backward()` fills hidden/weight/bias gradients.
+    """
+    config = config or VIMPOConfig()
+    if not isinstance(config, VIMPOConfig):
+        raise TypeError(f"config must be a VIMPOConfig, got {type(config).__name__}")
+    check_tensor("hidden", hidden, floating=True, dims=(3,))
+    B, T = hidden.shape[:2]
+    check_mask(mask, (B, T), hidden.device)
+    check_tensor("rewards", rewards, floating=True, shape=(B,), device=hidden.device)
+    check_tensor("group_ids", group_ids, integer=True, shape=(B,), device=hidden.device)
+    needs_ref_model = (not config.is_grpo_family) or (config.kl_loss_coeff > 0 and ref_logprobs is None)
+    if needs_ref_model and ref_hidden is None and ref_weight is None:
+        raise ValueError(f"algorithm={config.algorithm!r} needs the reference model: pass ref_hidden "
+                         "(and ref_weight when the reference head differs)")
+    if not needs_ref_model:
+        ref_hidden = ref_weight = ref_bias = None
+    kl = "exact" if config.needs_exact_kl else None
+    valid = mask.bool()
+
+    if config.kl_estimator == "candidate_set" and not config.is_grpo_family:
+        # Top-k over the vocabulary per token needs the full row; only the reference does it.
+        if backend not in ("auto", "torch"):
+            raise ValueError("kl_estimator='candidate_set' is implemented by backend='torch' only")
+        stats = linear_logprobs_reference(
+            hidden, weight, targets.masked_fill(~valid, 0), bias=bias, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, ref_bias=ref_bias, temperature=config.temperature, kl="candidate_set",
+            topk=config.candidate_kl_topk)
+        stats = stats.map(lambda x: torch.where(valid, x, 0.0))
+    else:
+        stats = fused_linear_logprobs(
+            hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+            ref_bias=ref_bias, temperature=config.temperature, kl=kl, mask=valid, backend=backend)
+    if ref_logprobs is None:
+        ref_logprobs = stats.ref_logprobs
+    return vimpo_loss(stats.logprobs, ref_logprobs, stats.kl if kl or config.kl_estimator == "candidate_set"
+                      else None, mask, rewards, group_ids, old_logprobs=old_logprobs,
+                      rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)

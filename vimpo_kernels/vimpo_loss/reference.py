@@ -1,0 +1,374 @@
+"""The VIMPO loss (and the GRPO-family baselines) from per-token tensors: the one definition.
+
+Every backend of `fused_vimpo_loss` runs this epilogue on the per-token statistics its kernels
+produce, so there is a single copy of the math. It is O(B*T): the cost of the loss lives in
+the log-prob kernels, not here. Section numbers refer to `shared/spec/vimpo-math.md`.
+
+Shapes: B responses, T padded response positions. `mask` is 1 on response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import VIMPOConfig
+from ..validate import check_loss_inputs
+
+# The reference clamps the PPO log-ratio before exponentiating (section 9).
+_LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass
+class AdaptiveCoeffState:
+    """EMA state of the adaptive actor coefficient (section 11); starts at zero per process."""
+
+    ema_value: float = 0.0
+    ema_actor: float = 0.0
+
+
+def vimpo_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor],
+    token_kl: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    old_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    config: Optional[VIMPOConfig] = None,
+    baseline: Optional[torch.Tensor] = None,
+    advantages: Optional[torch.Tensor] = None,
+    value_norm_denom: Optional[float] = None,
+    old_token_kl: Optional[torch.Tensor] = None,
+    logit_grad_norm: Optional[torch.Tensor] = None,
+    adaptive_state: Optional[AdaptiveCoeffState] = None,
+    num_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
+    process_group: Optional["dist.ProcessGroup"] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The VIMPO (or GRPO/Dr.GRPO/DAPO) loss of one micro-batch.
+
+    Args:
+        logprobs: (B, T) log pi(y_t) of the current policy (tempered); carries the gradient.
+        ref_logprobs: (B, T) log pi_ref(y_t); required for `vimpo` and for `kl_loss_coeff > 0`.
+        token_kl: (B, T) exact or candidate-set KL per token (`kl_estimator` exact /
+            candidate_set); None for k2/k3, which are formed here from the two log-probs.
+            Carries a gradient only when `config.detach_kl` is False.
+        mask: (B, T) 1 on response tokens (bool, int or float 0/1).
+        rewards: (B,) outcome reward R_i of each response.
+        group_ids: (B,) int prompt-group id; responses sharing an id form a group.
+        old_logprobs: (B, T) behaviour log-probs; None = on-policy (ratio exactly 1).
+        rollout_is_weights: (B, T) optional per-token importance weights.
+        baseline: (B,) group baseline b_i computed on the whole step batch (VIMPO); default:
+            the group mean of `rewards` over this batch (then capped by `cap_v0`).
+        advantages: (B,) or (B, T) GRPO-family advantages computed on the step batch; default:
+            from `rewards` and `group_ids` of this batch.
+        value_norm_denom: D of the normalised value loss; default mean_i (R_i - b_i)^2 here.
+        old_token_kl: (B, T) detached old-policy KL, for `value_type="soft"`.
+        logit_grad_norm: (B, T) ||d logp / d logits||_2 per token, for the adaptive actor coeff.
+        adaptive_state: EMA state updated in place by the adaptive actor coefficient.
+        num_tokens: global valid-token count for `token-mean` (data parallel / accumulation).
+        num_sequences: global count of responses for the value mean and the seq-mean modes.
+        process_group: if given (and initialised), whitening statistics are all-reduced over it.
+
+    Returns:
+        (loss, metrics): a scalar and a dict of detached scalars.
+    """
+    config = config or VIMPOConfig()
+    check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids, old_logprobs,
+                      rollout_is_weights, baseline, advantages, old_token_kl, logit_grad_norm, config)
+    m = mask.to(logprobs.dtype)
+    valid = m > 0
+    rewards = rewards.to(logprobs.dtype)
+    if config.is_grpo_family:
+        return _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs,
+                                 rollout_is_weights, advantages, num_tokens, num_sequences, config)
+    kl = _token_kl(logprobs, ref_logprobs, token_kl, config)
+    if config.value_type == "soft":
+        return _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids,
+                                value_norm_denom, num_sequences, config)
+
+    # Token term and implicit terminal value (section 4).
+    u = torch.where(valid, config.beta * (logprobs - ref_logprobs) - config.beta * kl, 0.0)
+    seq_value = u.sum(-1)
+    # Target and residual (section 5); the baseline is a constant.
+    if baseline is None:
+        baseline = group_mean(rewards, group_ids)
+        if config.cap_v0 is not None:
+            baseline = baseline.clamp(max=config.cap_v0)
+    target = rewards - baseline.to(rewards.dtype)
+    residual = seq_value - target
+    value_loss_raw, value_loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+
+    # Actor advantage from the same token term, under no-grad (section 8).
+    with torch.no_grad():
+        adv_raw = reverse_scan_advantage(u.detach(), valid, config.lam)
+        adv = whiten(adv_raw, valid, config.whiten_variance, process_group) if config.whiten_adv else adv_raw
+    pg_loss, pg_metrics, ratio, active = ppo_actor_loss(
+        logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences, config)
+    actor_coeff = _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm,
+                               adaptive_state, num_sequences, process_group, config)
+    loss = value_loss + actor_coeff * pg_loss
+    metrics = {
+        "loss": loss,
+        "value_loss": value_loss,
+        "value_loss_raw": value_loss_raw,
+        "actor_loss": pg_loss,
+        "actor_coeff": torch.as_tensor(actor_coeff, dtype=loss.dtype),
+        "residual_rms": residual.pow(2).mean().sqrt(),
+        "seq_value_mean": seq_value.mean(),
+        "target_mean": target.mean(),
+        "adv_mean": _masked_mean(adv, valid),
+        "adv_std": _masked_mean((adv - _masked_mean(adv, valid)) ** 2, valid).sqrt(),
+        "adv_raw_mean": _masked_mean(adv_raw, valid),
+        "kl_mean": _masked_mean(kl, valid),
+        **pg_metrics,
+    }
+    return loss, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+
+
+# -----------------------------------------------------------------------------------------
+# Building blocks (public: tests and the trainer use them one by one)
+# -----------------------------------------------------------------------------------------
+
+def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of `values` over the rows sharing its group id (by value, not position)."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, torch.ones_like(values))
+    return (sums / counts)[inverse]
+
+
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_std: bool,
+                    epsilon: float = 1e-6) -> torch.Tensor:
+    """(B,) GRPO outcome advantage (section 12): centred by the group mean, optionally divided
+    by the unbiased group std + epsilon. A one-member group keeps its reward (mean 0, std 1,
+    as float32 scalars in the reference, so the divisor is float32(1 + 1e-6))."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    out = torch.empty_like(rewards)
+    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
+        rows = (inverse == g).nonzero().squeeze(-1)
+        r = rewards[rows]
+        if rows.numel() == 1:
+            mean = torch.tensor(0.0)
+            std = torch.tensor(1.0)
+        else:
+            mean, std = r.mean(), r.std()
+        centred = r - mean
+        out[rows] = centred / (std + epsilon) if norm_by_std else centred
+    return out
+
+
+def reverse_scan_advantage(u: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
+    """A[t] = u[t] + lam * A[next valid t] over valid positions, 0 on padding (section 8).
+
+    With gamma = 1 the TD residual of the implicit value is the token term itself.
+    """
+    out = torch.zeros_like(u)
+    carry = torch.zeros_like(u[:, 0])
+    for t in range(u.shape[1] - 1, -1, -1):
+        carry = torch.where(valid[:, t], u[:, t] + lam * carry, carry)
+        out[:, t] = torch.where(valid[:, t], carry, 0.0)
+    return out
+
+
+def implicit_values(u: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """V[t] = -sum_{s >= t, valid} u[s], 0 on padding (the reference's value scan, gamma = 1)."""
+    return -reverse_scan_advantage(u, valid, 1.0)
+
+
+def whiten(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased",
+           process_group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
+    """Whiten over the valid tokens of this micro-batch (pooled over `process_group`)."""
+    m = valid.to(adv.dtype)
+    if variance == "unbiased":
+        if process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+            raise ValueError("whiten_variance='unbiased' is the single-process formula; use 'biased' "
+                             "with a process group")
+        n = m.sum()
+        if n.item() <= 1:
+            raise ValueError("whiten_variance='unbiased' needs at least 2 valid tokens in the micro-batch "
+                             f"(got {int(n.item())}); use whiten_variance='biased'")
+        mean = (adv * m).sum() / (n + 1e-8)
+        var = ((adv - mean) ** 2 * m).sum() / (n + 1e-8) * (n / (n - 1))
+        return (adv - mean) * torch.rsqrt(var + 1e-8) * m
+    # Float64 sums: the variance is a difference of two large moments.
+    a64, m64 = adv.double(), m.double()
+    sums = torch.stack([(a64 * m64).sum(), (a64 * a64 * m64).sum(), m64.sum()])
+    if process_group is not None and dist.is_initialized():
+        dist.all_reduce(sums, group=process_group)
+    n = sums[2].clamp(min=1.0)
+    mean = sums[0] / n
+    var = (sums[1] / n - mean * mean).clamp(min=0.0)
+    return ((a64 - mean) * torch.rsqrt(var + 1e-8) * m64).to(adv.dtype)
+
+
+def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences,
+                   config: VIMPOConfig):
+    """PPO clipped + dual-clipped loss, aggregated (section 9). Returns the loss, metrics, the
+    detached ratio and the detached 'active' indicator (tokens that carry gradient)."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    log_ratio = torch.where(valid, logprobs - old, 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    # The same ops as the reference, so torch's tie-splitting in max/min gives the same gradient.
+    loss1 = -adv * ratio
+    loss2 = -adv * ratio.clamp(1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high)
+    clipped = torch.maximum(loss1, loss2)
+    loss3 = -adv * config.clip_ratio_c
+    dual = torch.min(loss3, clipped)
+    per_token = torch.where(adv < 0, dual, clipped)
+    if rollout_is_weights is not None:
+        per_token = per_token * rollout_is_weights.to(per_token.dtype)
+    pg_loss = aggregate(per_token, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len)
+    with torch.no_grad():
+        r = ratio.detach()
+        active = valid & (log_ratio.detach().abs() < _LOG_RATIO_CLAMP) & (
+            ((adv > 0) & (r <= 1.0 + config.clip_ratio_high))
+            | ((adv < 0) & (r >= 1.0 - config.clip_ratio_low) & (r <= config.clip_ratio_c)))
+        metrics = {
+            "clip_frac": _masked_mean((loss2 > loss1).to(m.dtype), valid),
+            "clip_frac_lower": _masked_mean(((clipped > loss3) & (adv < 0)).to(m.dtype), valid),
+            "ppo_kl": _masked_mean(-log_ratio, valid),
+        }
+    return pg_loss, metrics, r, active
+
+
+def aggregate(per_token: torch.Tensor, m: torch.Tensor, mode: str, num_tokens=None, num_sequences=None,
+              norm_len: Optional[int] = None) -> torch.Tensor:
+    """Reduce a (B, T) loss to a scalar (`agg_loss`, section 9); padded positions are zeroed
+    before summing so NaN/Inf there cannot leak. `num_tokens` / `num_sequences` replace the
+    local counts when the normaliser must be global (data parallel, gradient accumulation)."""
+    masked = torch.where(m > 0, per_token, 0.0)
+    if mode == "token-mean":
+        n = m.sum() if num_tokens is None else num_tokens
+        return masked.sum() / n
+    lengths = m.sum(-1)
+    has_tokens = lengths > 0
+    n_seq = has_tokens.sum() if num_sequences is None else num_sequences
+    seq = masked.sum(-1)
+    if mode == "seq-mean-token-mean":
+        return torch.where(has_tokens, seq / lengths.clamp(min=1), 0.0).sum() / n_seq
+    if mode == "seq-mean-token-sum":
+        return seq.sum() / n_seq
+    if mode == "seq-mean-token-sum-norm":
+        return seq.sum() / n_seq / (m.shape[-1] if norm_len is None else norm_len)
+    raise ValueError(f"unknown loss_agg_mode {mode!r}")
+
+
+# -----------------------------------------------------------------------------------------
+# Pieces of `vimpo_loss`
+# -----------------------------------------------------------------------------------------
+
+def _token_kl(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Tensor:
+    """k of section 3: given (exact, candidate set) or formed from the two log-probs (k2, k3)."""
+    if config.kl_estimator in ("k2", "k3"):
+        d = ref_logprobs - logprobs
+        kl = 0.5 * d * d if config.kl_estimator == "k2" else torch.exp(d) - 1.0 - d
+    else:
+        kl = token_kl.to(logprobs.dtype)
+    return kl.detach() if config.detach_kl else kl
+
+
+def _value_loss(residual, target, value_norm_denom, num_sequences, config: VIMPOConfig):
+    """Mean over every row (empty rows included) of 1/2 e^2 or huber(e) (section 6)."""
+    if config.value_loss_type == "huber":
+        d = config.huber_delta
+        per_seq = torch.where(residual.abs() <= d, 0.5 * residual ** 2, d * (residual.abs() - 0.5 * d))
+    else:
+        per_seq = 0.5 * residual ** 2
+    n_seq = residual.shape[0] if num_sequences is None else num_sequences
+    raw = per_seq.sum() / n_seq
+    loss = config.value_loss_coeff * raw
+    if config.value_loss_normalized:
+        loss = loss / _value_norm_denom(target, value_norm_denom)
+    return raw, loss
+
+
+def _value_norm_denom(target: torch.Tensor, given: Optional[float]) -> torch.Tensor:
+    # The reference computes D in float32 on the trainer and ships it as a Python float.
+    if given is None:
+        given = float((target.detach().float() ** 2).mean())
+    if not given >= 1e-4:
+        raise ValueError(f"value_norm_denom D = mean((R - b)^2) = {given:.3g} < 1e-4: the normalised value "
+                         "loss is undefined for a batch whose rewards equal their group baselines")
+    return torch.tensor(given, dtype=torch.float32).to(target.dtype)
+
+
+def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids, value_norm_denom,
+                     num_sequences, config: VIMPOConfig):
+    """Section 7: the KL moves from the prediction into the baseline; no actor."""
+    old_kl_sum = torch.where(valid, old_token_kl.to(logprobs.dtype), 0.0).detach().sum(-1)
+    v0 = group_mean(rewards - config.beta * old_kl_sum, group_ids)
+    if config.cap_v0 is not None:
+        v0 = v0.clamp(max=config.cap_v0)
+    target = rewards - v0
+    seq_value = torch.where(valid, config.beta * (logprobs - ref_logprobs), 0.0).sum(-1)
+    residual = seq_value - target
+    raw, loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+    metrics = {"loss": loss, "value_loss": loss, "value_loss_raw": raw,
+               "residual_rms": residual.pow(2).mean().sqrt(), "soft_v0_mean": v0.mean()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
+                 num_sequences, process_group, config: VIMPOConfig) -> float:
+    """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values (section 11)."""
+    if not (config.adaptive_actor_coeff and config.loss_agg_mode == "token-mean"
+            and config.kl_estimator in ("exact", "candidate_set")):
+        return config.actor_coeff  # the reference silently keeps the fixed c_A here
+    if logit_grad_norm is None or state is None:
+        raise ValueError("adaptive_actor_coeff=True needs logit_grad_norm and adaptive_state")
+    with torch.no_grad():
+        g = logit_grad_norm.detach().float()
+        b = residual.shape[0] if num_sequences is None else num_sequences
+        psi = residual.detach().float()
+        if config.value_loss_type == "huber":
+            psi = psi.clamp(-config.huber_delta, config.huber_delta)
+        v = (config.beta * psi / b).abs()[:, None] * g
+        n = valid.sum().float()
+        w = 1.0 if rollout_is_weights is None else rollout_is_weights.detach().float()
+        a = ((1.0 / n) * ratio.float() * adv.float() * active.float() * w).abs() * g
+        sums = torch.stack([(v * v)[valid].sum(), (a * a)[valid].sum(), n]).double()
+        if process_group is not None and dist.is_initialized():
+            dist.all_reduce(sums, group=process_group)
+        v_rms = float((sums[0] / sums[2]).sqrt())
+        a_rms = float((sums[1] / sums[2]).sqrt())
+    if a_rms <= 0:
+        return 0.0
+    d = config.adaptive_ema_decay
+    state.ema_value = d * state.ema_value + (1 - d) * v_rms
+    state.ema_actor = d * state.ema_actor + (1 - d) * a_rms
+    return config.adaptive_alpha * state.ema_value / (state.ema_actor + config.adaptive_eps)
+
+
+def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs, rollout_is_weights,
+                      advantages, num_tokens, num_sequences, config: VIMPOConfig):
+    """Section 12: outcome advantage from the group, then the PPO loss of section 9."""
+    if advantages is None:
+        advantages = grpo_advantages(rewards, group_ids, norm_by_std=config.grpo_norm_by_std,
+                                     epsilon=config.grpo_epsilon)
+    adv = advantages.to(logprobs.dtype)
+    adv = (adv[:, None] if adv.dim() == 1 else adv) * m
+    pg_loss, metrics, _, _ = ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights,
+                                            num_tokens, num_sequences, config)
+    loss = pg_loss
+    if config.kl_loss_coeff > 0:
+        d = ref_logprobs - logprobs
+        k3 = torch.exp(d) - 1.0 - d
+        kl_loss = aggregate(k3, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len)
+        loss = loss + config.kl_loss_coeff * kl_loss
+        metrics["kl_mean"] = _masked_mean(k3.detach(), valid)
+    metrics = {"loss": loss, "actor_loss": pg_loss, "adv_mean": _masked_mean(adv, valid), **metrics}
+    return loss, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    x = torch.where(valid, x.detach(), 0.0)
+    return x.sum() / valid.sum().clamp(min=1)
