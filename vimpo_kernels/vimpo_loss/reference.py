@@ -50,6 +50,7 @@ def vimpo_loss(
     num_tokens: Optional[float] = None,
     num_sequences: Optional[float] = None,
     process_group: Optional["dist.ProcessGroup"] = None,
+    return_details: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VIMPO (or GRPO/Dr.GRPO/DAPO) loss of one micro-batch.
 
@@ -75,6 +76,8 @@ def vimpo_loss(
         num_tokens: global valid-token count for `token-mean` (data parallel / accumulation).
         num_sequences: global count of responses for the value mean and the seq-mean modes.
         process_group: if given (and initialised), whitening statistics are all-reduced over it.
+        return_details: also put the detached intermediate tensors in `metrics["details"]`
+            (token term u, seq_value S, target, residual, values, adv_raw, adv, token_kl, ...).
 
     Returns:
         (loss, metrics): a scalar and a dict of detached scalars.
@@ -87,11 +90,12 @@ def vimpo_loss(
     rewards = rewards.to(logprobs.dtype)
     if config.is_grpo_family:
         return _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs,
-                                 rollout_is_weights, advantages, num_tokens, num_sequences, config)
-    kl = _token_kl(logprobs, ref_logprobs, token_kl, config)
+                                 rollout_is_weights, advantages, num_tokens, num_sequences, config,
+                                 return_details)
     if config.value_type == "soft":
         return _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids,
-                                value_norm_denom, num_sequences, config)
+                                value_norm_denom, num_sequences, config, return_details)
+    kl = _token_kl(logprobs, ref_logprobs, token_kl, config)
 
     # Token term and implicit terminal value (section 4).
     u = torch.where(valid, config.beta * (logprobs - ref_logprobs) - config.beta * kl, 0.0)
@@ -129,7 +133,13 @@ def vimpo_loss(
         "kl_mean": _masked_mean(kl, valid),
         **pg_metrics,
     }
-    return loss, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    if return_details:
+        metrics["details"] = {
+            "token_kl": kl.detach(), "u": u.detach(), "seq_value": seq_value.detach(), "baseline": baseline,
+            "target": target.detach(), "residual": residual.detach(), "values": implicit_values(u.detach(), valid),
+            "adv_raw": adv_raw, "adv": adv}
+    return loss, metrics
 
 
 # -----------------------------------------------------------------------------------------
@@ -302,7 +312,7 @@ def _value_norm_denom(target: torch.Tensor, given: Optional[float]) -> torch.Ten
 
 
 def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids, value_norm_denom,
-                     num_sequences, config: VIMPOConfig):
+                     num_sequences, config: VIMPOConfig, return_details: bool):
     """Section 7: the KL moves from the prediction into the baseline; no actor."""
     old_kl_sum = torch.where(valid, old_token_kl.to(logprobs.dtype), 0.0).detach().sum(-1)
     v0 = group_mean(rewards - config.beta * old_kl_sum, group_ids)
@@ -314,7 +324,10 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
     raw, loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
     metrics = {"loss": loss, "value_loss": loss, "value_loss_raw": raw,
                "residual_rms": residual.pow(2).mean().sqrt(), "soft_v0_mean": v0.mean()}
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    metrics = {k: v.detach() for k, v in metrics.items()}
+    if return_details:
+        metrics["details"] = {"v0": v0.detach(), "target": target.detach(), "residual": residual.detach()}
+    return loss, metrics
 
 
 def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
@@ -349,7 +362,7 @@ def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_
 
 
 def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs, rollout_is_weights,
-                      advantages, num_tokens, num_sequences, config: VIMPOConfig):
+                      advantages, num_tokens, num_sequences, config: VIMPOConfig, return_details: bool):
     """Section 12: outcome advantage from the group, then the PPO loss of section 9."""
     if advantages is None:
         advantages = grpo_advantages(rewards, group_ids, norm_by_std=config.grpo_norm_by_std,
@@ -366,7 +379,10 @@ def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_
         loss = loss + config.kl_loss_coeff * kl_loss
         metrics["kl_mean"] = _masked_mean(k3.detach(), valid)
     metrics = {"loss": loss, "actor_loss": pg_loss, "adv_mean": _masked_mean(adv, valid), **metrics}
-    return loss, {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    if return_details:
+        metrics["details"] = {"adv": adv.detach()}
+    return loss, metrics
 
 
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,45 @@
+# The two commands of the README, and the pieces CI runs. Every target sets up what it needs.
+#   make train   the main job: `vimpo train` on the embedded default (toy task, tiny model)
+#   make test    the test suite (fast tier), after building everything
+# Also: make test-slow (interpreter, CUDA build, vLLM, multi-process), make bench, make ci.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.vimpo-installed
+# torch 2.13.0 CPU is the wheel this project is developed and measured against.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup train test test-slow bench ci cuda-build clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation -e .
+	$(PY) -c "import vimpo_kernels as vk; print('vimpo_kernels backends:', vk.available_backends())"
+	touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/vimpo train
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+bench: setup
+	$(VENV)/bin/vimpo bench --preset quick
+
+cuda-build:
+	bash .ci/build_cuda.sh
+
+ci: test test-slow
+
+clean:
+	rm -rf build *.egg-info vimpo_kernels/_C*.so

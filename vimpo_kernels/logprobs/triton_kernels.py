@@ -1,0 +1,291 @@
+"""Triton kernels for the token statistics: log-prob, log-sum-exp, exact KL(pi || pi_ref) and
+entropy from `hidden @ weight.T (+ bias)`, without ever writing the N x V logits.
+
+Layout: every 2-D input is row-major with unit stride on its last (H) dimension; the launcher
+(`triton_function.py`) guarantees it. All accumulation is float32 whatever the input dtype.
+
+Forward (`fwd_partials_kernel`, grid = (row tiles, vocabulary splits)): a program owns
+BLOCK_N rows and one contiguous vocabulary range, walks it tile by tile, computes each logit
+tile with `tl.dot` over H chunks, and keeps per-row online statistics (below). It writes them as
+partials, one per split; `merge_partials_kernel` combines the splits exactly. Splitting the
+vocabulary is what keeps the GPU busy when N is small (a few long responses).
+
+Online statistics of a row, for the tiles seen so far (l = tempered policy logits, r = tempered
+reference logits, m / mr = running maxima of l / r):
+
+    s  = sum_j exp(l_j - m)                               (log-sum-exp:  lse = m + log s)
+    sr = sum_j exp(r_j - mr)                              (ref_lse = mr + log sr)
+    a  = sum_j exp(l_j - m) * ((l_j - m) - (r_j - mr))    (KL numerator)
+    b  = sum_j exp(l_j - m) * (l_j - m)                   (entropy numerator)
+
+Derivation of the read-out: log p_j = l_j - m - log s and log q_j = r_j - mr - log sr, so
+
+    KL = sum_j p_j (log p_j - log q_j) = a / s - log s + log sr
+    H  = -sum_j p_j log p_j            = log s - b / s
+
+a and b are kept relative to the running maxima (not as sum p * l) so that huge logits do not
+cancel catastrophically: every factor is O(logit range), never O(logit magnitude). When the
+maxima move from (m, mr) to (m', mr'), with alpha = exp(m - m'):
+
+    s <- alpha * s
+    a <- alpha * (a + s * ((m - m') - (mr - mr')))
+    b <- alpha * (b + s * (m - m'))
+
+(the old s on the right), which is also exactly how two splits are merged.
+
+Backward (`bwd_kernel`, grid = (row tiles, vocabulary tiles)): recompute one logit tile (and the
+reference tile when the KL carries gradient), form the logit gradient
+
+    dl_j = g_logp (1[j = y] - p_j) + g_lse p_j + g_kl p_j (log p_j - log q_j - KL)
+           - g_ent p_j (log p_j + H)
+
+scale by 1/T (the logits were divided by T), and immediately contract it with the weight tile
+(-> d_hidden) and the hidden tile (-> d_weight); the gradient tile never leaves registers.
+
+Atomics, not a two-kernel split, for d_hidden and d_weight: a split needs one kernel that owns
+rows (d_hidden) and one that owns vocabulary tiles (d_weight), so every logit tile (and the
+reference tile) is recomputed twice: 12 NVH FLOPs instead of 8 NVH with a reference (8 vs 6
+without), i.e. +50% backward FLOPs on a GEMM-bound kernel. Neither design can keep its
+accumulator in registers (BLOCK_N x H fp32 is 256 KiB at H = 1024), so the split also pays a
+read-modify-write of that accumulator per tile, the same bytes the atomics move; the atomics
+add no traffic the split avoids, and they are fire-and-forget reductions (`red.global.add.f32`)
+that the SM does not wait on. Cost: fp32 sums in a nondeterministic order (bitwise
+run-to-run differences at the 1e-7 relative level). Figures in docs/roofline.md.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Finite stand-in for -inf as the initial running maximum: with -inf, `s * (m - m')` would be
+# 0 * inf = NaN on the first tile; with -1e30 it is 0 and exp(-1e30 - m') underflows to 0.
+NEG_BIG: tl.constexpr = -1.0e30
+
+# Rows of the partials tensor (NUM_STATS, SPLITS, N).
+STAT_M: tl.constexpr = 0
+STAT_S: tl.constexpr = 1
+STAT_TGT: tl.constexpr = 2
+STAT_MR: tl.constexpr = 3
+STAT_SR: tl.constexpr = 4
+STAT_TGT_R: tl.constexpr = 5
+STAT_KL: tl.constexpr = 6
+STAT_ENT: tl.constexpr = 7
+NUM_STATS = 8
+
+
+@triton.jit
+def _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(X[rows] @ W[cols].T + B[cols]) / T in fp32; the caller masks invalid columns."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
+    w_cols = W + cols.to(tl.int64)[None, :] * stride_w
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hs < H
+        x = tl.load(x_rows + hs[None, :], mask=row_mask[:, None] & h_ok[None, :], other=0.0)
+        # Loaded as (BLOCK_H, BLOCK_V): the transpose costs nothing but an address pattern.
+        wt = tl.load(w_cols + hs[:, None], mask=h_ok[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def fwd_partials_kernel(
+    X, W, B, RX, RW, RB, TGT, PART,
+    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, stride_part_stat, inv_temp, V_PER_SPLIT,
+    HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
+    mr = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    sr = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_ref = tl.zeros((BLOCK_N,), tl.float32)
+    kl_num = tl.zeros((BLOCK_N,), tl.float32)
+    ent_num = tl.zeros((BLOCK_N,), tl.float32)
+
+    # An empty tail split (v_start >= V) runs no iteration and writes the neutral partials.
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        is_tgt = cols[None, :] == tgt[:, None]
+
+        l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        l = tl.where(col_mask[None, :], l, float("-inf"))
+        m_new = tl.maximum(m, tl.max(l, axis=1))
+        alpha = tl.exp(m - m_new)
+        l_rel = l - m_new[:, None]
+        e = tl.exp(l_rel)  # exactly 0 in masked columns
+        tgt_logit += tl.sum(tl.where(is_tgt, l, 0.0), axis=1)
+
+        if HAS_REF:
+            r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
+                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+            r = tl.where(col_mask[None, :], r, float("-inf"))
+            mr_new = tl.maximum(mr, tl.max(r, axis=1))
+            tgt_ref += tl.sum(tl.where(is_tgt, r, 0.0), axis=1)
+            if HAS_KL:
+                shift = (m - m_new) - (mr - mr_new)
+                diff = tl.where(col_mask[None, :], l_rel - (r - mr_new[:, None]), 0.0)
+                kl_num = alpha * (kl_num + s * shift) + tl.sum(e * diff, axis=1)
+            sr = sr * tl.exp(mr - mr_new) + tl.sum(tl.exp(r - mr_new[:, None]), axis=1)
+            mr = mr_new
+        if HAS_ENTROPY:
+            ent_num = alpha * (ent_num + s * (m - m_new)) + \
+                tl.sum(e * tl.where(col_mask[None, :], l_rel, 0.0), axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+
+    out = PART + split * N + rows
+    tl.store(out + STAT_M * stride_part_stat, m, mask=row_mask)
+    tl.store(out + STAT_S * stride_part_stat, s, mask=row_mask)
+    tl.store(out + STAT_TGT * stride_part_stat, tgt_logit, mask=row_mask)
+    if HAS_REF:
+        tl.store(out + STAT_MR * stride_part_stat, mr, mask=row_mask)
+        tl.store(out + STAT_SR * stride_part_stat, sr, mask=row_mask)
+        tl.store(out + STAT_TGT_R * stride_part_stat, tgt_ref, mask=row_mask)
+    if HAS_KL:
+        tl.store(out + STAT_KL * stride_part_stat, kl_num, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(out + STAT_ENT * stride_part_stat, ent_num, mask=row_mask)
+
+
+@triton.jit
+def merge_partials_kernel(
+    PART, LOGP, LSE, REF_LOGP, REF_LSE, KL, ENT,
+    N, SPLITS, stride_part_stat,
+    HAS_REF: tl.constexpr, HAS_KL: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    # Pass 1: the global maxima over the splits (an empty split holds NEG_BIG).
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    mr = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    for k in range(0, SPLITS):
+        part = PART + k * N + rows
+        m = tl.maximum(m, tl.load(part + STAT_M * stride_part_stat, mask=row_mask, other=NEG_BIG))
+        if HAS_REF:
+            mr = tl.maximum(mr, tl.load(part + STAT_MR * stride_part_stat, mask=row_mask, other=NEG_BIG))
+    # Pass 2: bring every split to the common maxima (the same rescaling as between tiles).
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    sr = tl.zeros((BLOCK_N,), tl.float32)
+    tgt = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_r = tl.zeros((BLOCK_N,), tl.float32)
+    kl_num = tl.zeros((BLOCK_N,), tl.float32)
+    ent_num = tl.zeros((BLOCK_N,), tl.float32)
+    for k in range(0, SPLITS):
+        part = PART + k * N + rows
+        m_k = tl.load(part + STAT_M * stride_part_stat, mask=row_mask, other=NEG_BIG)
+        s_k = tl.load(part + STAT_S * stride_part_stat, mask=row_mask, other=0.0)
+        alpha = tl.exp(m_k - m)
+        s += alpha * s_k
+        # The target column lies in exactly one split; the others hold 0.
+        tgt += tl.load(part + STAT_TGT * stride_part_stat, mask=row_mask, other=0.0)
+        if HAS_REF:
+            mr_k = tl.load(part + STAT_MR * stride_part_stat, mask=row_mask, other=NEG_BIG)
+            sr += tl.exp(mr_k - mr) * tl.load(part + STAT_SR * stride_part_stat, mask=row_mask, other=0.0)
+            tgt_r += tl.load(part + STAT_TGT_R * stride_part_stat, mask=row_mask, other=0.0)
+            if HAS_KL:
+                a_k = tl.load(part + STAT_KL * stride_part_stat, mask=row_mask, other=0.0)
+                kl_num += alpha * (a_k + s_k * ((m_k - m) - (mr_k - mr)))
+        if HAS_ENTROPY:
+            b_k = tl.load(part + STAT_ENT * stride_part_stat, mask=row_mask, other=0.0)
+            ent_num += alpha * (b_k + s_k * (m_k - m))
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    tl.store(LSE + rows, lse, mask=row_mask)
+    tl.store(LOGP + rows, tgt - lse, mask=row_mask)
+    if HAS_REF:
+        log_sr = tl.log(sr)
+        ref_lse = mr + log_sr
+        tl.store(REF_LSE + rows, ref_lse, mask=row_mask)
+        tl.store(REF_LOGP + rows, tgt_r - ref_lse, mask=row_mask)
+        if HAS_KL:
+            tl.store(KL + rows, kl_num / s - log_s + log_sr, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(ENT + rows, log_s - ent_num / s, mask=row_mask)
+
+
+@triton.jit
+def bwd_kernel(
+    X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DX, DW, DB,
+    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    valid = row_mask[:, None] & col_mask[None, :]
+
+    l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    logp = l - lse[:, None]
+    p = tl.where(valid, tl.exp(logp), 0.0)
+
+    dl = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if HAS_G_LOGP:
+        g = tl.load(G_LOGP + rows, mask=row_mask, other=0.0)
+        tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
+        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
+        dl += g[:, None] * (onehot - p)
+    if HAS_G_LSE:
+        dl += tl.load(G_LSE + rows, mask=row_mask, other=0.0)[:, None] * p
+    if HAS_G_KL:
+        r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
+                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        logq = r - tl.load(REF_LSE + rows, mask=row_mask, other=0.0)[:, None]
+        kl = tl.load(KL + rows, mask=row_mask, other=0.0)
+        g_kl = tl.load(G_KL + rows, mask=row_mask, other=0.0)
+        dl += g_kl[:, None] * tl.where(valid, p * (logp - logq - kl[:, None]), 0.0)
+    if HAS_G_ENT:
+        ent = tl.load(ENT + rows, mask=row_mask, other=0.0)
+        g_ent = tl.load(G_ENT + rows, mask=row_mask, other=0.0)
+        dl -= g_ent[:, None] * tl.where(valid, p * (logp + ent[:, None]), 0.0)
+    # d/dz = (1/T) d/dl; padded rows/columns contribute exactly nothing.
+    dz = tl.where(valid, dl * inv_temp, 0.0)
+
+    if NEED_DB:
+        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    # Tensor-core operand in the input dtype (fp32 stays fp32); products accumulate in fp32.
+    dz_op = dz.to(X.dtype.element_ty)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hs < H
+        if NEED_DX:
+            w = tl.load(W + cols64[:, None] * stride_w + hs[None, :], mask=col_mask[:, None] & h_ok[None, :],
+                        other=0.0)
+            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(DX + rows64[:, None] * H + hs[None, :], dx, mask=row_mask[:, None] & h_ok[None, :],
+                          sem="relaxed")
+        if NEED_DW:
+            x = tl.load(X + rows64[:, None] * stride_x + hs[None, :], mask=row_mask[:, None] & h_ok[None, :],
+                        other=0.0)
+            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
+            tl.atomic_add(DW + cols64[:, None] * H + hs[None, :], dw, mask=col_mask[:, None] & h_ok[None, :],
+                          sem="relaxed")
