@@ -95,3 +95,15 @@ def linear_logprobs_reference(
 def _linear(h, w, b, dtype):
     out = h.to(dtype) @ w.to(dtype).T
     return out + b.to(dtype) if b is not None else out
+
+
+def logit_grad_norm(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """||d logp(y) / d l||_2 over the tempered logits l: sqrt(1 - 2 p_y + sum_j p_j^2).
+
+    The adaptive actor coefficient (spec section 11) scales per-token gradients by it; the
+    reference computes it from float32 logits, so do we (float64 stays float64).
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    p = torch.softmax(logits.detach().to(dtype) / temperature, dim=-1)
+    p_y = p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return (1.0 - 2.0 * p_y + (p * p).sum(-1)).clamp(min=0.0).sqrt()

@@ -15,7 +15,8 @@ import torch
 
 from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
-from ..logprobs.reference import linear_logprobs_reference
+from .. import _backends
+from ..logprobs.reference import linear_logprobs_reference, logit_grad_norm
 from .reference import vimpo_loss
 from ..validate import check_mask, check_tensor
 
@@ -92,6 +93,21 @@ def fused_vimpo_loss(
             ref_bias=ref_bias, temperature=config.temperature, kl=kl, mask=valid, backend=backend)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
+    if config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs:
+        loss_kwargs["logit_grad_norm"] = _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend)
     return vimpo_loss(stats.logprobs, ref_logprobs, stats.kl if kl or config.kl_estimator == "candidate_set"
                       else None, mask, rewards, group_ids, old_logprobs=old_logprobs,
                       rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)
+
+
+def _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend):
+    """Per-token ||d logp / d logits||_2 for the adaptive actor coefficient. It needs sum_j p_j^2
+    over the vocabulary, which only the reference computes today."""
+    if _backends.resolve_backend(backend, hidden.device) != "torch":
+        raise ValueError("adaptive_actor_coeff=True needs the per-token logit-gradient norm, which the fused "
+                         "backends do not compute yet: pass logit_grad_norm=... or use backend='torch'")
+    with torch.no_grad():
+        logits = hidden.float() @ weight.float().T
+        if bias is not None:
+            logits = logits + bias.float()
+        return logit_grad_norm(logits, targets.masked_fill(~valid, 0), config.temperature).masked_fill(~valid, 0.0)

@@ -115,8 +115,9 @@ def vimpo_loss(
         adv = whiten(adv_raw, valid, config.whiten_variance, process_group) if config.whiten_adv else adv_raw
     pg_loss, pg_metrics, ratio, active = ppo_actor_loss(
         logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences, config)
-    actor_coeff = _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm,
-                               adaptive_state, num_sequences, process_group, config)
+    actor_coeff, adaptive_rms = _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid,
+                                             logit_grad_norm, adaptive_state, num_sequences, process_group,
+                                             config)
     loss = value_loss + actor_coeff * pg_loss
     metrics = {
         "loss": loss,
@@ -133,6 +134,8 @@ def vimpo_loss(
         "kl_mean": _masked_mean(kl, valid),
         **pg_metrics,
     }
+    if adaptive_rms is not None:
+        metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
     metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
     if return_details:
         metrics["details"] = {
@@ -331,11 +334,15 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
 
 
 def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
-                 num_sequences, process_group, config: VIMPOConfig) -> float:
-    """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values (section 11)."""
+                 num_sequences, process_group, config: VIMPOConfig):
+    """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values (section 11).
+
+    Returns (c_A, (v_rms, a_rms) or None). v_t and a_t are the L2 norms over the vocabulary of
+    the value-loss (c_V = 1, D = 1) and actor-loss gradients w.r.t. token t's logits.
+    """
     if not (config.adaptive_actor_coeff and config.loss_agg_mode == "token-mean"
             and config.kl_estimator in ("exact", "candidate_set")):
-        return config.actor_coeff  # the reference silently keeps the fixed c_A here
+        return config.actor_coeff, None  # the reference silently keeps the fixed c_A here
     if logit_grad_norm is None or state is None:
         raise ValueError("adaptive_actor_coeff=True needs logit_grad_norm and adaptive_state")
     with torch.no_grad():
@@ -354,11 +361,11 @@ def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_
         v_rms = float((sums[0] / sums[2]).sqrt())
         a_rms = float((sums[1] / sums[2]).sqrt())
     if a_rms <= 0:
-        return 0.0
+        return 0.0, (v_rms, a_rms)
     d = config.adaptive_ema_decay
     state.ema_value = d * state.ema_value + (1 - d) * v_rms
     state.ema_actor = d * state.ema_actor + (1 - d) * a_rms
-    return config.adaptive_alpha * state.ema_value / (state.ema_actor + config.adaptive_eps)
+    return config.adaptive_alpha * state.ema_value / (state.ema_actor + config.adaptive_eps), (v_rms, a_rms)
 
 
 def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs, rollout_is_weights,

@@ -1,0 +1,53 @@
+"""Backend discovery: a missing extension never breaks the import; explicit backends fail clearly."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vimpo_kernels
+from vimpo_kernels import _backends
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    monkeypatch.setattr(_backends, "_load_extension", lambda: (None, "ImportError: simulated"))
+
+
+def test_status_names_every_backend():
+    status = vimpo_kernels.backend_status()
+    assert set(status) == {"triton", "cuda", "cpu", "torch"}
+    assert status["torch"][0] and "torch" in vimpo_kernels.available_backends()
+    for ok, why in status.values():
+        assert isinstance(why, str) and why
+
+
+def test_missing_extension_leaves_the_reference(no_extension):
+    status = vimpo_kernels.backend_status()
+    assert not status["cpu"][0] and "simulated" in status["cpu"][1]
+    assert _backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+        _backends.resolve_backend("cpu", torch.device("cpu"))
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be"):
+        _backends.resolve_backend("metal", torch.device("cpu"))
+
+
+def test_import_survives_a_broken_extension():
+    """A `_C` that raises on import (ABI mismatch, missing CUDA runtime) only warns."""
+    code = ("import sys, importlib.abc, importlib.machinery\n"
+            "class Boom(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'vimpo_kernels._C': raise ImportError('undefined symbol: simulated')\n"
+            "sys.meta_path.insert(0, Boom())\n"
+            "import warnings; warnings.simplefilter('always')\n"
+            "import vimpo_kernels as vk\n"
+            "s = vk.backend_status()\n"
+            "assert not s['cpu'][0] and 'simulated' in s['cpu'][1], s\n"
+            "print('ok', vk.available_backends())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout and "could not be imported" in out.stderr
