@@ -51,6 +51,12 @@ read-modify-write of that accumulator per tile, the same bytes the atomics move;
 add no traffic the split avoids, and they are fire-and-forget reductions (`red.global.add.f32`)
 that the SM does not wait on. Cost: fp32 sums in a nondeterministic order (bitwise
 run-to-run differences at the 1e-7 relative level). Figures in docs/roofline.md.
+
+UPCAST_DOT: Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bit patterns
+(triton 3.9 `create_dot`), so under the interpreter the operands of every dot are widened to
+fp32 first. That is exact (a bf16 x bf16 product is exact in fp32, as in the tensor-core MMA
+with fp32 accumulation), so the interpreter still checks the bf16 rounding of the inputs and of
+the gradient operand; only the MMA instruction itself is left to the GPU.
 """
 
 from __future__ import annotations
@@ -60,24 +66,24 @@ import triton.language as tl
 
 # Finite stand-in for -inf as the initial running maximum: with -inf, `s * (m - m')` would be
 # 0 * inf = NaN on the first tile; with -1e30 it is 0 and exp(-1e30 - m') underflows to 0.
-NEG_BIG: tl.constexpr = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 # Rows of the partials tensor (NUM_STATS, SPLITS, N).
-STAT_M: tl.constexpr = 0
-STAT_S: tl.constexpr = 1
-STAT_TGT: tl.constexpr = 2
-STAT_MR: tl.constexpr = 3
-STAT_SR: tl.constexpr = 4
-STAT_TGT_R: tl.constexpr = 5
-STAT_KL: tl.constexpr = 6
-STAT_ENT: tl.constexpr = 7
+STAT_M = tl.constexpr(0)
+STAT_S = tl.constexpr(1)
+STAT_TGT = tl.constexpr(2)
+STAT_MR = tl.constexpr(3)
+STAT_SR = tl.constexpr(4)
+STAT_TGT_R = tl.constexpr(5)
+STAT_KL = tl.constexpr(6)
+STAT_ENT = tl.constexpr(7)
 NUM_STATS = 8
 
 
 @triton.jit
 def _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """(X[rows] @ W[cols].T + B[cols]) / T in fp32; the caller masks invalid columns."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     x_rows = X + rows.to(tl.int64)[:, None] * stride_x
@@ -88,6 +94,8 @@ def _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, 
         x = tl.load(x_rows + hs[None, :], mask=row_mask[:, None] & h_ok[None, :], other=0.0)
         # Loaded as (BLOCK_H, BLOCK_V): the transpose costs nothing but an address pattern.
         wt = tl.load(w_cols + hs[:, None], mask=h_ok[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            x, wt = x.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -100,7 +108,7 @@ def fwd_partials_kernel(
     N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, stride_part_stat, inv_temp, V_PER_SPLIT,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -125,30 +133,29 @@ def fwd_partials_kernel(
         col_mask = cols < v_end
         is_tgt = cols[None, :] == tgt[:, None]
 
+        # Logits of masked columns stay finite (zero weights): excluded from the max and given
+        # exp = 0, so no inf - inf ever forms.
         l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-        l = tl.where(col_mask[None, :], l, float("-inf"))
-        m_new = tl.maximum(m, tl.max(l, axis=1))
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], l, float("-inf")), axis=1))
         alpha = tl.exp(m - m_new)
         l_rel = l - m_new[:, None]
-        e = tl.exp(l_rel)  # exactly 0 in masked columns
+        e = tl.where(col_mask[None, :], tl.exp(l_rel), 0.0)
         tgt_logit += tl.sum(tl.where(is_tgt, l, 0.0), axis=1)
 
         if HAS_REF:
             r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
-                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
-            r = tl.where(col_mask[None, :], r, float("-inf"))
-            mr_new = tl.maximum(mr, tl.max(r, axis=1))
+                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+            mr_new = tl.maximum(mr, tl.max(tl.where(col_mask[None, :], r, float("-inf")), axis=1))
+            r_rel = r - mr_new[:, None]
             tgt_ref += tl.sum(tl.where(is_tgt, r, 0.0), axis=1)
             if HAS_KL:
                 shift = (m - m_new) - (mr - mr_new)
-                diff = tl.where(col_mask[None, :], l_rel - (r - mr_new[:, None]), 0.0)
-                kl_num = alpha * (kl_num + s * shift) + tl.sum(e * diff, axis=1)
-            sr = sr * tl.exp(mr - mr_new) + tl.sum(tl.exp(r - mr_new[:, None]), axis=1)
+                kl_num = alpha * (kl_num + s * shift) + tl.sum(e * (l_rel - r_rel), axis=1)
+            sr = sr * tl.exp(mr - mr_new) + tl.sum(tl.where(col_mask[None, :], tl.exp(r_rel), 0.0), axis=1)
             mr = mr_new
         if HAS_ENTROPY:
-            ent_num = alpha * (ent_num + s * (m - m_new)) + \
-                tl.sum(e * tl.where(col_mask[None, :], l_rel, 0.0), axis=1)
+            ent_num = alpha * (ent_num + s * (m - m_new)) + tl.sum(e * l_rel, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
 
@@ -192,14 +199,15 @@ def merge_partials_kernel(
     for k in range(0, SPLITS):
         part = PART + k * N + rows
         m_k = tl.load(part + STAT_M * stride_part_stat, mask=row_mask, other=NEG_BIG)
-        s_k = tl.load(part + STAT_S * stride_part_stat, mask=row_mask, other=0.0)
+        # Rows past N read s = 1 so that their (unstored) read-out stays finite.
+        s_k = tl.load(part + STAT_S * stride_part_stat, mask=row_mask, other=1.0)
         alpha = tl.exp(m_k - m)
         s += alpha * s_k
         # The target column lies in exactly one split; the others hold 0.
         tgt += tl.load(part + STAT_TGT * stride_part_stat, mask=row_mask, other=0.0)
         if HAS_REF:
             mr_k = tl.load(part + STAT_MR * stride_part_stat, mask=row_mask, other=NEG_BIG)
-            sr += tl.exp(mr_k - mr) * tl.load(part + STAT_SR * stride_part_stat, mask=row_mask, other=0.0)
+            sr += tl.exp(mr_k - mr) * tl.load(part + STAT_SR * stride_part_stat, mask=row_mask, other=1.0)
             tgt_r += tl.load(part + STAT_TGT_R * stride_part_stat, mask=row_mask, other=0.0)
             if HAS_KL:
                 a_k = tl.load(part + STAT_KL * stride_part_stat, mask=row_mask, other=0.0)
@@ -231,6 +239,7 @@ def bwd_kernel(
     HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -241,7 +250,7 @@ def bwd_kernel(
     valid = row_mask[:, None] & col_mask[None, :]
 
     l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     logp = l - lse[:, None]
     p = tl.where(valid, tl.exp(logp), 0.0)
@@ -256,7 +265,7 @@ def bwd_kernel(
         dl += tl.load(G_LSE + rows, mask=row_mask, other=0.0)[:, None] * p
     if HAS_G_KL:
         r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
-                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         logq = r - tl.load(REF_LSE + rows, mask=row_mask, other=0.0)[:, None]
         kl = tl.load(KL + rows, mask=row_mask, other=0.0)
         g_kl = tl.load(G_KL + rows, mask=row_mask, other=0.0)
@@ -272,6 +281,8 @@ def bwd_kernel(
         tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     # Tensor-core operand in the input dtype (fp32 stays fp32); products accumulate in fp32.
     dz_op = dz.to(X.dtype.element_ty)
+    if UPCAST_DOT:
+        dz_op = dz_op.to(tl.float32)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
@@ -280,12 +291,16 @@ def bwd_kernel(
         if NEED_DX:
             w = tl.load(W + cols64[:, None] * stride_w + hs[None, :], mask=col_mask[:, None] & h_ok[None, :],
                         other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
             dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
             tl.atomic_add(DX + rows64[:, None] * H + hs[None, :], dx, mask=row_mask[:, None] & h_ok[None, :],
                           sem="relaxed")
         if NEED_DW:
             x = tl.load(X + rows64[:, None] * stride_x + hs[None, :], mask=row_mask[:, None] & h_ok[None, :],
                         other=0.0)
+            if UPCAST_DOT:
+                x = x.to(tl.float32)
             dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
             tl.atomic_add(DW + cols64[:, None] * H + hs[None, :], dw, mask=col_mask[:, None] & h_ok[None, :],
                           sem="relaxed")

@@ -1,0 +1,296 @@
+"""Launchers, autograd and `torch.library` registration of the Triton token-statistics kernels.
+
+Layers, never mixed: `triton_kernels.py` does the math; the launchers here check, allocate,
+pick the grid and launch; two custom ops (`vimpo::triton_token_stats` and its backward) make
+the pair opaque to `torch.compile` (no graph break) with fake implementations for tracing;
+`triton_linear_token_stats` is the backend entry point that `logprobs/api.py` dispatches to.
+
+Memory: the forward saves only its inputs (references, no copies) and five (N,) fp32 vectors;
+the backward recomputes logits tile by tile. Extra memory is O(N * splits) for the partials,
+O(N * H + V * H) fp32 for the gradient accumulators, and nothing of size N x V.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from ..stats import TokenStats
+from . import triton_autotune as tune
+from . import triton_kernels as tk
+
+Tensor = torch.Tensor
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend entry point
+
+
+def triton_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
+                              want_kl, want_entropy) -> TokenStats:
+    """Token statistics of `hidden @ weight.T (+ bias)` (N rows) with the Triton kernels.
+
+    Inputs as validated by `fused_linear_logprobs`: hidden (N, H), weight (V, H), targets (N,)
+    int64 in [0, V), ref_hidden (N, H_ref) and ref_weight (V, H_ref) together or both None.
+    Returns float32 (N,) fields; gradients reach hidden, weight and bias through logprobs, lse,
+    kl and entropy.
+    """
+    _check_operands(hidden, weight, bias, "hidden", "weight", "bias")
+    has_ref = ref_weight is not None
+    if has_ref != (ref_hidden is not None):
+        raise ValueError("the triton backend needs ref_hidden and ref_weight together (the api fills the missing one)")
+    if has_ref:
+        _check_operands(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
+    if want_kl and not has_ref:
+        raise ValueError("want_kl needs a reference (ref_hidden, ref_weight)")
+    if hidden.device.type != "cuda" and not _interpreted():
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                         f"got tensors on {hidden.device}")
+    if has_ref:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = ref_bias.detach() if ref_bias is not None else None
+    logp, lse, ref_logp, ref_lse, kl, ent = torch.ops.vimpo.triton_token_stats(
+        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, float(temperature), bool(want_kl),
+        bool(want_entropy))
+    return TokenStats(logprobs=logp, lse=lse, ref_logprobs=ref_logp if has_ref else None,
+                      ref_lse=ref_lse if has_ref else None, kl=kl if want_kl else None,
+                      entropy=ent if want_entropy else None)
+
+
+def _check_operands(x, w, b, x_name, w_name, b_name):
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"the triton backend supports {x_name} in {_SUPPORTED}, got {x.dtype} "
+                        "(use backend='torch' or 'cpu' for float64)")
+    if w.dtype != x.dtype:
+        raise TypeError(f"the triton backend needs {w_name} in the dtype of {x_name} ({x.dtype}), got {w.dtype}")
+    if b is not None and b.dtype not in _SUPPORTED:
+        raise TypeError(f"{b_name} must be one of {_SUPPORTED}, got {b.dtype}")
+
+
+def _interpreted() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(tk.fwd_partials_kernel, triton.runtime.JITFunction)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _rowmajor(x: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels index the last dimension with unit stride and address rows by a stride."""
+    if x is None or x.dim() == 1:
+        return None if x is None else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype) -> str:
+    # fp32 inputs get exact fp32 products: the materialising reference does not use TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def vocab_split(N: int, V: int, device: torch.device, granule: int) -> tuple[int, int]:
+    """(number of splits, vocabulary entries per split): enough programs to fill the device."""
+    if device.type == "cuda":
+        target = tune.FWD_PROGRAMS_PER_SM * _sm_count(device.index or torch.cuda.current_device())
+    else:
+        target = tune.INTERPRETER_PROGRAMS
+    row_tiles = triton.cdiv(N, tune.FWD_ROWS_HINT)
+    v_granules = triton.cdiv(V, granule)
+    splits = max(1, min(v_granules, target // row_tiles))
+    per_split = triton.cdiv(v_granules, splits) * granule
+    return triton.cdiv(V, per_split), per_split
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_forward(operand_bytes: int):
+    return triton.autotune(configs=tune.FWD_CONFIGS[operand_bytes],
+                           key=["V", "H", "H_REF", "HAS_REF", "HAS_KL", "HAS_ENTROPY"])(tk.fwd_partials_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_backward(operand_bytes: int):
+    # Timing a config runs the kernel: the atomic accumulators must restart from zero each time.
+    return triton.autotune(configs=tune.BWD_CONFIGS[operand_bytes],
+                           key=["V", "H", "H_REF", "HAS_G_KL", "HAS_G_ENT", "NEED_DX", "NEED_DW"],
+                           reset_to_zero=["DX", "DW", "DB"])(tk.bwd_kernel)
+
+
+def _config_kwargs(config: triton.Config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
+                   want_entropy, *, config: Optional[triton.Config] = None, splits: Optional[int] = None):
+    """Run the forward kernels; returns (logp, lse, ref_logp, ref_lse, kl, entropy), absent ones empty.
+
+    `config` / `splits` override the tuned tiles and the vocabulary split (tests use them to
+    force ragged tails and empty splits; `splits` must divide V into BLOCK_V multiples).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    has_ref = ref_weight is not None
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    # Absent outputs are distinct empty tensors: a custom op's outputs may not alias each other.
+    new = lambda present: torch.empty(N if present else 0, **f32)  # noqa: E731
+    logp, lse = new(True), new(True)
+    ref_logp, ref_lse = new(has_ref), new(has_ref)
+    kl, ent = new(want_kl), new(want_entropy)
+    if N == 0:
+        return logp, lse, ref_logp, ref_lse, kl, ent
+
+    hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
+    ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
+    interpreted = _interpreted()
+    if config is None and interpreted:
+        config = tune.INTERPRETER_FWD
+    configs = [config] if config is not None else tune.FWD_CONFIGS[tune.operand_bytes(hidden.dtype)]
+    granule = tune.split_granule(configs)
+    if splits is None:
+        splits, per_split = vocab_split(N, V, hidden.device, granule)
+    else:
+        per_split = triton.cdiv(triton.cdiv(V, granule), splits) * granule
+    part = torch.empty((tk.NUM_STATS, splits, N), **f32)
+
+    rx = ref_hidden if has_ref else hidden
+    rw = ref_weight if has_ref else weight
+    args = (hidden, weight, _or(bias, hidden), rx, rw, _or(ref_bias, hidden), targets, part,
+            N, V, H, rx.shape[1], hidden.stride(0), weight.stride(0), rx.stride(0), rw.stride(0), part.stride(0),
+            1.0 / temperature, per_split)
+    flags = dict(HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
+                 HAS_KL=bool(want_kl), HAS_ENTROPY=bool(want_entropy),
+                 DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=interpreted)
+    if config is not None:
+        grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), splits)
+        tk.fwd_partials_kernel[grid](*args, **flags, **_config_kwargs(config))
+    else:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+        _tuned_forward(tune.operand_bytes(hidden.dtype))[grid](*args, **flags)
+
+    tk.merge_partials_kernel[(triton.cdiv(N, tune.MERGE_BLOCK_N),)](
+        part, logp, lse, _or(ref_logp, lse), _or(ref_lse, lse), _or(kl, lse), _or(ent, lse), N, splits,
+        part.stride(0), HAS_REF=has_ref, HAS_KL=bool(want_kl), HAS_ENTROPY=bool(want_entropy),
+        BLOCK_N=tune.MERGE_BLOCK_N, num_warps=tune.MERGE_NUM_WARPS)
+    return logp, lse, ref_logp, ref_lse, kl, ent
+
+
+def launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+                    lse, ref_lse, kl, ent, temperature, need_dx, need_dw, need_db, *,
+                    config: Optional[triton.Config] = None):
+    """d_hidden (N, H), d_weight (V, H), d_bias (V,) in the inputs' dtypes (empty when not needed).
+
+    `g_*` are the incoming (N,) gradients of logprobs, lse, kl, entropy (None: no gradient).
+    Accumulated in fp32 buffers, cast once at the end.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    dx = torch.zeros((N, H), **f32) if need_dx else torch.zeros(1, **f32)
+    dw = torch.zeros((V, H), **f32) if need_dw else torch.zeros(1, **f32)
+    db = torch.zeros(V, **f32) if need_db else torch.zeros(1, **f32)
+    has_g = [g is not None and g.numel() > 0 for g in (g_logp, g_lse, g_kl, g_ent)]
+    if N > 0 and any(has_g) and (need_dx or need_dw or need_db):
+        hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
+        ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
+        has_ref = ref_weight is not None
+        rx = ref_hidden if has_ref else hidden
+        rw = ref_weight if has_ref else weight
+        grads = [_rowmajor(g.float()) if h else lse for g, h in zip((g_logp, g_lse, g_kl, g_ent), has_g)]
+        args = (hidden, weight, _or(bias, hidden), rx, rw, _or(ref_bias, hidden), targets, lse, _or(ref_lse, lse),
+                _or(kl, lse), _or(ent, lse), *grads, dx, dw, db,
+                N, V, H, rx.shape[1], hidden.stride(0), weight.stride(0), rx.stride(0), rw.stride(0),
+                1.0 / temperature)
+        flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_G_LOGP=has_g[0],
+                     HAS_G_LSE=has_g[1], HAS_G_KL=has_g[2], HAS_G_ENT=has_g[3], NEED_DX=bool(need_dx),
+                     NEED_DW=bool(need_dw), NEED_DB=bool(need_db), DOT_PRECISION=_dot_precision(hidden.dtype),
+                     UPCAST_DOT=_interpreted())
+        if config is None and _interpreted():
+            config = tune.INTERPRETER_BWD
+        if config is not None:
+            grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]), triton.cdiv(V, config.kwargs["BLOCK_V"]))
+            tk.bwd_kernel[grid](*args, **flags, **_config_kwargs(config))
+        else:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))  # noqa: E731
+            _tuned_backward(tune.operand_bytes(hidden.dtype))[grid](*args, **flags)
+    empty = lambda dtype: torch.empty(0, device=hidden.device, dtype=dtype)  # noqa: E731
+    return (dx.to(hidden.dtype) if need_dx else empty(hidden.dtype),
+            dw.to(weight.dtype) if need_dw else empty(weight.dtype),
+            db.to(bias.dtype) if need_db else empty(torch.float32))
+
+
+def _or(x: Optional[Tensor], dummy: Tensor) -> Tensor:
+    """Kernels take a pointer for every optional input; a constexpr flag keeps it unread."""
+    return dummy if x is None or x.numel() == 0 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops: forward, backward, fakes, autograd
+
+
+@torch.library.custom_op("vimpo::triton_token_stats", mutates_args=())
+def _token_stats_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                    ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
+                    temperature: float, want_kl: bool, want_entropy: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
+                          want_entropy)
+
+
+@_token_stats_op.register_fake
+def _token_stats_fake(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
+                      want_entropy):
+    N = hidden.shape[0]
+    full = lambda: hidden.new_empty(N, dtype=torch.float32)  # noqa: E731
+    absent = lambda: hidden.new_empty(0, dtype=torch.float32)  # noqa: E731
+    has_ref = ref_weight is not None
+    return (full(), full(), full() if has_ref else absent(), full() if has_ref else absent(),
+            full() if want_kl else absent(), full() if want_entropy else absent())
+
+
+@torch.library.custom_op("vimpo::triton_token_stats_backward", mutates_args=())
+def _token_stats_backward_op(g_logp: Optional[Tensor], g_lse: Optional[Tensor], g_kl: Optional[Tensor],
+                             g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
+                             bias: Optional[Tensor], ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor],
+                             ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, ent: Tensor,
+                             temperature: float, need_dx: bool, need_dw: bool, need_db: bool
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    return launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight,
+                           ref_bias, lse, ref_lse, kl, ent, temperature, need_dx, need_dw, need_db)
+
+
+@_token_stats_backward_op.register_fake
+def _token_stats_backward_fake(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight,
+                               ref_bias, lse, ref_lse, kl, ent, temperature, need_dx, need_dw, need_db):
+    return (hidden.new_empty(hidden.shape if need_dx else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)),
+            (bias.new_empty(bias.shape) if need_db else hidden.new_empty(0, dtype=torch.float32)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, _, _ = inputs
+    _, lse, ref_logp, ref_lse, kl, ent = output
+    ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, ent)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(ref_logp, ref_lse)
+
+
+def _backward(ctx, g_logp, g_lse, g_ref_logp, g_ref_lse, g_kl, g_ent):
+    hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, ent = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_db = bias is not None and ctx.needs_input_grad[3]
+    dx, dw, db = torch.ops.vimpo.triton_token_stats_backward(
+        g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse,
+        kl, ent, ctx.temperature, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None,
+            None, None, None, None, None, None)
+
+
+_token_stats_op.register_autograd(_backward, setup_context=_setup_context)
