@@ -75,6 +75,13 @@ def fused_vimpo_loss(
                          "(and ref_weight when the reference head differs)")
     if not needs_ref_model:
         ref_hidden = ref_weight = ref_bias = None
+    if config.is_grpo_family and _backends.resolve_backend(backend, hidden.device) in ("cpu", "cuda"):
+        # The GRPO-family coefficient is known in the forward: gradients without a recompute.
+        from ..logprobs.compiled_function import compiled_grpo_family_loss
+        return compiled_grpo_family_loss(
+            hidden, weight, targets, mask, rewards, group_ids, bias=bias, ref_logprobs=ref_logprobs,
+            ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, old_logprobs=old_logprobs,
+            rollout_is_weights=rollout_is_weights, config=config, backend=backend, **loss_kwargs)
     kl = "exact" if config.needs_exact_kl else None
     valid = mask.bool()
 

@@ -1,0 +1,357 @@
+// The chunked log-prob ops, one orchestration for both devices.
+//
+// Memory plan: rows are processed `chunk` at a time. A chunk's logits z = h W^T (+ b) are
+// computed by an ATen GEMM (MKL/oneDNN on CPU, cuBLAS on CUDA) into a reused (chunk, V) buffer,
+// reduced by a row pass (row_passes.h), and in backward recomputed and overwritten in place
+// with d loss / d z, which two more GEMMs turn into d_hidden (chunk rows of it) and d_weight
+// (accumulated over chunks in fp32, or fp64 for fp64 input). Extra memory is one or two chunk
+// buffers plus the gradients themselves, independent of N.
+//
+// Compute dtype: fp64 for fp64 input, fp32 otherwise. Low-precision weights are upcast once
+// (V x H fp32 copy) so the GEMMs accumulate in fp32 and the row passes see fp32 logits.
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "row_passes.h"
+
+namespace vimpo {
+namespace {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+template <class T>
+T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+template <class T>
+const T* cptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+
+template <class T>
+RowPasses<T> row_passes_for(const Tensor& like) {
+  if (like.is_cuda()) {
+#ifdef VIMPO_WITH_CUDA
+    return {cuda::forward_rows<T>, cuda::backward_rows<T>, cuda::grpo_rows<T>};
+#else
+    TORCH_CHECK(false, "vimpo_kernels._C was built without CUDA; rebuild with VIMPO_BUILD_CUDA=1");
+#endif
+  }
+  TORCH_CHECK(like.is_cpu(), "vimpo_kernels._C: tensors must be on CPU or CUDA, got ", like.device());
+  return {cpu::forward_rows<T>, cpu::backward_rows<T>, cpu::grpo_rows<T>};
+}
+
+at::ScalarType compute_dtype(const Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per chunk. CPU: ~16 MiB per logits buffer keeps the whole working set small (the
+// acceptance bound is 5% of the materializing reference) while the GEMMs stay compute bound
+// (K = H for the forward, K = chunk for d_weight: 128 rows is ~32 flop per byte of d_weight
+// traffic). CUDA: ~256 MiB per buffer, so cuBLAS sees large GEMMs.
+int64_t chunk_rows(int64_t requested, int64_t n_rows, int64_t vocab, const Tensor& like) {
+  if (requested > 0) return std::max<int64_t>(1, std::min(requested, n_rows));
+  const int64_t budget = like.is_cuda() ? (int64_t(256) << 20) : (int64_t(16) << 20);
+  const int64_t rows = budget / std::max<int64_t>(1, vocab * int64_t(like.element_size()));
+  return std::max<int64_t>(1, std::min(n_rows, std::max<int64_t>(16, rows)));
+}
+
+void check_head(const char* name, const Tensor& hidden, const Tensor& weight, const Tensor& bias) {
+  TORCH_CHECK(hidden.dim() == 2, name, ": hidden must be (N, H), got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), name,
+              ": weight must be (V, H) with H = hidden.size(1) = ", hidden.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(weight.device() == hidden.device(), name, ": weight is on ", weight.device(), ", hidden on ",
+              hidden.device());
+  if (bias.defined()) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), name, ": bias must be (V,) with V = ",
+                weight.size(0), ", got ", bias.sizes());
+    TORCH_CHECK(bias.device() == hidden.device(), name, ": bias must be on ", hidden.device());
+  }
+}
+
+void check_rows(const char* name, const Tensor& t, int64_t n, const Tensor& like) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be (", n, ",), got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+}
+
+// One LM head in the compute dtype: the GEMM operands of every chunk.
+struct Head {
+  Tensor hidden;  // (N, H), any float dtype; converted chunk by chunk
+  Tensor weight;  // (V, H) compute dtype, contiguous
+  Tensor bias;    // (V,) compute dtype, or undefined
+
+  Head(const Tensor& h, const Tensor& w, const Tensor& b, at::ScalarType dt)
+      : hidden(h.contiguous()), weight(w.to(dt).contiguous()), bias(b.defined() ? b.to(dt).contiguous() : b) {}
+
+  Tensor rows(int64_t r0, int64_t n, at::ScalarType dt) const { return hidden.narrow(0, r0, n).to(dt); }
+
+  // out (n, V) <- rows @ W^T + b
+  void logits_into(Tensor& out, const Tensor& rows) const {
+    at::mm_out(out, rows, weight.t());
+    if (bias.defined()) out.add_(bias);
+  }
+};
+
+Tensor chunk_of(const Tensor& t, int64_t r0, int64_t n) { return t.defined() ? t.narrow(0, r0, n) : t; }
+
+// Gradient accumulators of the chunk loop's backward GEMMs.
+struct HeadGrads {
+  Tensor d_hidden, d_weight, d_bias;
+
+  HeadGrads(const Head& head, at::ScalarType dt, bool need_dh, bool need_dw, bool need_db) {
+    auto opts = head.weight.options().dtype(dt);
+    if (need_dh) d_hidden = at::empty({head.hidden.size(0), head.hidden.size(1)}, opts);
+    if (need_dw) d_weight = at::zeros_like(head.weight, opts);
+    if (need_db) d_bias = at::zeros({head.weight.size(0)}, opts);
+  }
+
+  // dlogits (n, V) of rows [r0, r0 + n) -> d_hidden rows, += d_weight, += d_bias
+  void accumulate(const Tensor& dlogits, const Tensor& rows, const Head& head, int64_t r0) {
+    if (d_hidden.defined()) {
+      Tensor out = d_hidden.narrow(0, r0, dlogits.size(0));
+      at::mm_out(out, dlogits, head.weight);
+    }
+    if (d_weight.defined()) d_weight.addmm_(dlogits.t(), rows);
+    if (d_bias.defined()) d_bias.add_(dlogits.sum(0));
+  }
+
+  std::vector<Tensor> finish(const Tensor& hidden_like, const Tensor& weight_like, const Tensor& bias_like) const {
+    auto cast = [](const Tensor& g, const Tensor& like) {
+      return g.defined() && like.defined() ? g.to(like.scalar_type()) : Tensor();
+    };
+    return {cast(d_hidden, hidden_like), cast(d_weight, weight_like), cast(d_bias, bias_like)};
+  }
+};
+
+template <class T>
+std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
+                                 const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
+                                 double temperature, bool want_kl, bool want_entropy, int64_t chunk) {
+  const auto dt = compute_dtype(hidden);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const bool has_ref = ref_hidden.defined();
+  const Head head(hidden, weight, bias, dt);
+  std::optional<Head> ref_head;
+  if (has_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
+  const auto opts = hidden.options().dtype(dt);
+  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
+  Tensor ref_logp, ref_lse, kl, entropy;
+  if (has_ref) {
+    ref_logp = at::empty({N}, opts);
+    ref_lse = at::empty({N}, opts);
+    if (want_kl) kl = at::empty({N}, opts);
+  }
+  if (want_entropy) entropy = at::empty({N}, opts);
+  const RowPasses<T> passes = row_passes_for<T>(hidden);
+  const int64_t C = chunk_rows(chunk, N, V, logp);
+  Tensor buf = at::empty({C, V}, opts);
+  Tensor ref_buf = has_ref ? at::empty({C, V}, opts) : Tensor();
+  const Tensor tgt = targets.contiguous();
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t n = std::min(C, N - r0);
+    Tensor z = buf.narrow(0, 0, n), zr;
+    head.logits_into(z, head.rows(r0, n, dt));
+    if (has_ref) {
+      zr = ref_buf.narrow(0, 0, n);
+      ref_head->logits_into(zr, ref_head->rows(r0, n, dt));
+    }
+    ForwardRows<T> a{z.const_data_ptr<T>(), has_ref ? zr.const_data_ptr<T>() : nullptr,
+                     tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                     logp.data_ptr<T>() + r0, lse.data_ptr<T>() + r0,
+                     has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr, has_ref ? ref_lse.data_ptr<T>() + r0 : nullptr,
+                     kl.defined() ? kl.data_ptr<T>() + r0 : nullptr,
+                     entropy.defined() ? entropy.data_ptr<T>() + r0 : nullptr};
+    passes.forward(a);
+  }
+  return {logp, lse, ref_logp, ref_lse, kl, entropy};
+}
+
+template <class T>
+std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl, const Tensor& grad_entropy,
+                                  const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
+                                  const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
+                                  const Tensor& lse, const Tensor& ref_lse, const Tensor& kl, const Tensor& entropy,
+                                  double temperature, bool need_dh, bool need_dw, bool need_db, int64_t chunk) {
+  const auto dt = compute_dtype(hidden);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  // The reference logits are recomputed only when the KL carries a gradient (non-detached KL).
+  const bool with_ref = grad_kl.defined();
+  const Head head(hidden, weight, bias, dt);
+  std::optional<Head> ref_head;
+  if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
+  HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
+  const auto opts = lse.options();
+  const RowPasses<T> passes = row_passes_for<T>(hidden);
+  const int64_t C = chunk_rows(chunk, N, V, lse);
+  Tensor buf = at::empty({C, V}, opts);
+  Tensor ref_buf = with_ref ? at::empty({C, V}, opts) : Tensor();
+  const Tensor tgt = targets.contiguous();
+  auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
+  const Tensor g_logp = c(grad_logp), g_kl = c(grad_kl), g_ent = c(grad_entropy);
+  const Tensor lse_c = c(lse), ref_lse_c = c(ref_lse), kl_c = c(kl), ent_c = c(entropy);
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t n = std::min(C, N - r0);
+    Tensor z = buf.narrow(0, 0, n), zr;
+    const Tensor rows = head.rows(r0, n, dt);
+    head.logits_into(z, rows);
+    if (with_ref) {
+      zr = ref_buf.narrow(0, 0, n);
+      ref_head->logits_into(zr, ref_head->rows(r0, n, dt));
+    }
+    auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
+    BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
+                      tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                      at_r0(lse_c), with_ref ? at_r0(ref_lse_c) : nullptr, with_ref ? at_r0(kl_c) : nullptr,
+                      at_r0(ent_c), at_r0(g_logp), at_r0(g_kl), g_ent.defined() ? at_r0(g_ent) : nullptr};
+    passes.backward(a);
+    grads.accumulate(z, rows, head, r0);
+  }
+  return grads.finish(hidden, weight, bias);
+}
+
+template <class T>
+std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
+                              const Tensor& old_logp, const Tensor& adv, const Tensor& agg_w, const Tensor& is_w,
+                              const Tensor& ref_logp, const PPOParams& prm, double temperature, bool need_dh,
+                              bool need_dw, bool need_db, int64_t chunk) {
+  const auto dt = compute_dtype(hidden);
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  const Head head(hidden, weight, bias, dt);
+  HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
+  const auto opts = hidden.options().dtype(dt);
+  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts), dlogp = at::empty({N}, opts);
+  const RowPasses<T> passes = row_passes_for<T>(hidden);
+  const int64_t C = chunk_rows(chunk, N, V, logp);
+  Tensor buf = at::empty({C, V}, opts);
+  const Tensor tgt = targets.contiguous();
+  auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
+  const Tensor old_c = c(old_logp), adv_c = c(adv), agg_c = c(agg_w), isw_c = c(is_w), ref_c = c(ref_logp);
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t n = std::min(C, N - r0);
+    Tensor z = buf.narrow(0, 0, n);
+    const Tensor rows = head.rows(r0, n, dt);
+    head.logits_into(z, rows);
+    auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
+    GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                  at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), prm,
+                  logp.data_ptr<T>() + r0, lse.data_ptr<T>() + r0, dlogp.data_ptr<T>() + r0};
+    passes.grpo(a);
+    grads.accumulate(z, rows, head, r0);
+  }
+  std::vector<Tensor> out = {logp, lse, dlogp};
+  for (auto& g : grads.finish(hidden, weight, bias)) out.push_back(g);
+  return out;
+}
+
+void check_token_stats_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
+                              const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
+                              double temperature) {
+  check_head("policy", hidden, weight, bias);
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
+  check_rows("targets", targets, hidden.size(0), hidden);
+  TORCH_CHECK(temperature > 0, "temperature must be positive, got ", temperature);
+  TORCH_CHECK(!ref_bias.defined() || ref_hidden.defined(), "ref_bias given without ref_hidden");
+  TORCH_CHECK(!ref_weight.defined() || ref_hidden.defined(), "ref_weight given without ref_hidden");
+  if (ref_hidden.defined()) {
+    TORCH_CHECK(ref_hidden.size(0) == hidden.size(0), "ref_hidden must have ", hidden.size(0), " rows, got ",
+                ref_hidden.size(0));
+    const Tensor& rw = ref_weight.defined() ? ref_weight : weight;
+    check_head("reference", ref_hidden, rw, ref_bias);
+    TORCH_CHECK(rw.size(0) == weight.size(0), "reference vocabulary ", rw.size(0), " != policy vocabulary ",
+                weight.size(0));
+  }
+}
+
+}  // namespace
+
+std::vector<Tensor> token_stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                        const Tensor& targets, const OptTensor& ref_hidden,
+                                        const OptTensor& ref_weight, const OptTensor& ref_bias, double temperature,
+                                        bool want_kl, bool want_entropy, int64_t chunk) {
+  check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
+                           temperature);
+  TORCH_CHECK(!want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
+  if (compute_dtype(hidden) == at::kDouble)
+    return forward_impl<double>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight),
+                                opt(ref_bias), temperature, want_kl, want_entropy, chunk);
+  return forward_impl<float>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
+                             temperature, want_kl, want_entropy, chunk);
+}
+
+std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTensor& grad_kl,
+                                         const OptTensor& grad_entropy, const Tensor& hidden, const Tensor& weight,
+                                         const OptTensor& bias, const Tensor& targets, const OptTensor& ref_hidden,
+                                         const OptTensor& ref_weight, const OptTensor& ref_bias, const Tensor& lse,
+                                         const OptTensor& ref_lse, const OptTensor& kl, const OptTensor& entropy,
+                                         double temperature, bool need_dh, bool need_dw, bool need_db,
+                                         int64_t chunk) {
+  check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
+                           temperature);
+  const int64_t N = hidden.size(0);
+  for (auto& [name, t] : {std::pair<const char*, Tensor>{"grad_logp", opt(grad_logp)}, {"grad_kl", opt(grad_kl)},
+                          {"grad_entropy", opt(grad_entropy)}, {"lse", lse}, {"ref_lse", opt(ref_lse)},
+                          {"kl", opt(kl)}, {"entropy", opt(entropy)}})
+    check_rows(name, t, N, hidden);
+  TORCH_CHECK(!grad_kl.has_value() || (ref_hidden.has_value() && ref_lse.has_value() && kl.has_value()),
+              "grad_kl needs ref_hidden, ref_lse and kl");
+  TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy needs entropy");
+  if (compute_dtype(hidden) == at::kDouble)
+    return backward_impl<double>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
+                                 opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
+                                 opt(entropy), temperature, need_dh, need_dw, need_db, chunk);
+  return backward_impl<float>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
+                              opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
+                              opt(entropy), temperature, need_dh, need_dw, need_db, chunk);
+}
+
+std::vector<Tensor> grpo_forward_grad(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
+                                      const Tensor& targets, const OptTensor& old_logp, const Tensor& adv,
+                                      const Tensor& agg_w, const OptTensor& is_w, const OptTensor& ref_logp,
+                                      double clip_low, double clip_high, double clip_c, double kl_coeff,
+                                      double temperature, bool need_dh, bool need_dw, bool need_db, int64_t chunk) {
+  check_token_stats_inputs(hidden, weight, opt(bias), targets, Tensor(), Tensor(), Tensor(), temperature);
+  const int64_t N = hidden.size(0);
+  for (auto& [name, t] : {std::pair<const char*, Tensor>{"old_logp", opt(old_logp)}, {"adv", adv},
+                          {"agg_w", agg_w}, {"is_w", opt(is_w)}, {"ref_logp", opt(ref_logp)}})
+    check_rows(name, t, N, hidden);
+  TORCH_CHECK(kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
+  const PPOParams prm{clip_low, clip_high, clip_c, kl_coeff};
+  if (compute_dtype(hidden) == at::kDouble)
+    return grpo_impl<double>(hidden, weight, opt(bias), targets, opt(old_logp), adv, agg_w, opt(is_w), opt(ref_logp),
+                             prm, temperature, need_dh, need_dw, need_db, chunk);
+  return grpo_impl<float>(hidden, weight, opt(bias), targets, opt(old_logp), adv, agg_w, opt(is_w), opt(ref_logp),
+                          prm, temperature, need_dh, need_dw, need_db, chunk);
+}
+
+// The per-token coefficient alone (CPU), so tests can hold it against autograd through the
+// reference epilogue: the same `ppo_dloss_dlogp` the forward-gradient passes call.
+Tensor grpo_dloss_dlogp(const Tensor& logp, const OptTensor& old_logp, const Tensor& adv, const Tensor& agg_w,
+                        const OptTensor& is_w, const OptTensor& ref_logp, double clip_low, double clip_high,
+                        double clip_c, double kl_coeff) {
+  TORCH_CHECK(logp.is_cpu() && logp.dim() == 1, "logp must be a 1-D CPU tensor");
+  const int64_t N = logp.size(0);
+  for (auto& [name, t] : {std::pair<const char*, Tensor>{"old_logp", opt(old_logp)}, {"adv", adv},
+                          {"agg_w", agg_w}, {"is_w", opt(is_w)}, {"ref_logp", opt(ref_logp)}})
+    check_rows(name, t, N, logp);
+  TORCH_CHECK(kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
+  const PPOParams prm{clip_low, clip_high, clip_c, kl_coeff};
+  auto d = [](const Tensor& t) { return t.defined() ? t.to(at::kDouble).contiguous() : t; };
+  const Tensor lp = d(logp), old = d(opt(old_logp)), a = d(adv), w = d(agg_w), iw = d(opt(is_w)), ref = d(opt(ref_logp));
+  Tensor out = at::empty({N}, lp.options());
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < N; ++i) {
+    const double l = lp.const_data_ptr<double>()[i];
+    o[i] = ppo_dloss_dlogp<double>(l, old.defined() ? old.const_data_ptr<double>()[i] : l,
+                                   a.const_data_ptr<double>()[i], w.const_data_ptr<double>()[i],
+                                   iw.defined() ? iw.const_data_ptr<double>()[i] : 1.0,
+                                   ref.defined() ? ref.const_data_ptr<double>()[i] : l, prm);
+  }
+  return out.to(logp.scalar_type());
+}
+
+}  // namespace vimpo

@@ -1,0 +1,90 @@
+// The per-chunk "row passes" of the chunked log-prob ops: everything between the GEMMs.
+//
+// The chunk loop (logprobs_chunked.cpp) computes a chunk of raw logits z = h W^T (+ b) with an
+// ATen GEMM into a reused (rows, V) buffer and hands it to one of these passes; the CPU
+// implementation (logprobs_cpu.cpp, OpenMP through ATen's parallel_for) and the CUDA one
+// (cuda/logprobs_cuda.cu, one block per row) share the element math of token_math.h.
+// Buffers are contiguous (rows, V); per-token arrays are already offset to the chunk's first
+// row; a null pointer means "not wanted" (outputs) or "zero" (gradients).
+#pragma once
+
+#include <cstdint>
+
+#include "token_math.h"
+
+namespace vimpo {
+
+template <class T>
+struct ForwardRows {
+  const T* logits;      // raw policy logits
+  const T* ref_logits;  // raw reference logits, or null
+  const int64_t* targets;
+  int64_t rows, vocab;
+  T inv_temp;
+  T* logp;
+  T* lse;
+  T* ref_logp;  // with ref_logits
+  T* ref_lse;   // with ref_logits
+  T* kl;        // with ref_logits, optional
+  T* entropy;   // optional
+};
+
+template <class T>
+struct BackwardRows {
+  T* logits;            // in: raw policy logits; out: d loss / d raw logits
+  const T* ref_logits;  // raw reference logits, only when grad_kl is given
+  const int64_t* targets;
+  int64_t rows, vocab;
+  T inv_temp;
+  const T* lse;
+  const T* ref_lse;  // with ref_logits
+  const T* kl;       // with ref_logits
+  const T* entropy;  // with grad_entropy
+  const T* grad_logp;
+  const T* grad_kl;
+  const T* grad_entropy;
+};
+
+// GRPO-family forward-gradient pass: the per-token coefficient d loss / d logp only depends on
+// the token's own logp and constants, so the pass writes d loss / d raw logits in place
+// right after computing logp, and the chunk loop turns them into gradients without a
+// recompute.
+template <class T>
+struct GrpoRows {
+  T* logits;  // in: raw policy logits; out: d loss / d raw logits
+  const int64_t* targets;
+  int64_t rows, vocab;
+  T inv_temp;
+  const T* old_logp;  // null = on-policy (old := logp, ratio exactly 1)
+  const T* adv;
+  const T* agg_w;
+  const T* is_w;      // null = 1
+  const T* ref_logp;  // needed when params.kl_coeff > 0
+  PPOParams params;
+  T* logp;
+  T* lse;
+  T* dlogp;
+};
+
+template <class T>
+struct RowPasses {
+  void (*forward)(const ForwardRows<T>&);
+  void (*backward)(const BackwardRows<T>&);
+  void (*grpo)(const GrpoRows<T>&);
+};
+
+namespace cpu {
+template <class T> void forward_rows(const ForwardRows<T>& a);
+template <class T> void backward_rows(const BackwardRows<T>& a);
+template <class T> void grpo_rows(const GrpoRows<T>& a);
+}  // namespace cpu
+
+#ifdef VIMPO_WITH_CUDA
+namespace cuda {
+template <class T> void forward_rows(const ForwardRows<T>& a);
+template <class T> void backward_rows(const BackwardRows<T>& a);
+template <class T> void grpo_rows(const GrpoRows<T>& a);
+}  // namespace cuda
+#endif
+
+}  // namespace vimpo

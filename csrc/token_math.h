@@ -1,0 +1,115 @@
+// Per-element math of the token statistics, shared verbatim by the C++ CPU row passes
+// (logprobs_cpu.cpp) and the CUDA kernels (cuda/logprobs_cuda.cu): the CPU tests exercise the
+// same formulas the GPU runs.
+//
+// Notation (shared/spec/vimpo-math.md): z raw logits, l = z / tau tempered logits, m = max_j l_j,
+// x_j = l_j - m <= 0. A row pass accumulates, with e_j = exp(x_j) and er_j = exp(xr_j):
+//   z_sum  = sum e_j                       -> lse = m + log z_sum
+//   zx_sum = sum e_j x_j                   -> entropy = log z_sum - zx_sum / z_sum
+//   zr_sum = sum er_j                      -> ref_lse = m_r + log zr_sum
+//   zk_sum = sum e_j (x_j - xr_j)          -> KL(p||q) = zk_sum / z_sum - log z_sum + log zr_sum
+// Shifting both rows by their own max before differencing keeps KL and entropy free of the
+// cancellation that sum p (l - l_ref) - (lse - ref_lse) suffers when the logits carry large
+// row offsets.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define VIMPO_HD __host__ __device__ __forceinline__
+#else
+#define VIMPO_HD inline
+#endif
+
+namespace vimpo {
+
+// exp(x) for x <= 0 (shifted logits). On the CPU a branch-free polynomial that GCC vectorizes
+// under `omp simd` (libm's expf does not); 7th-order Taylor on |r| <= ln2/2 is accurate to
+// ~1e-7 relative, i.e. to fp32 rounding. Below -87 the result is clamped to ~1.6e-38 instead
+// of flushing to 0: such a term is < 1e-37 of the row sum, which always contains exp(0) = 1.
+VIMPO_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = std::fma(n, -0.693145751953125f, x);  // Cody-Waite: ln2 split into hi + lo
+  r = std::fma(n, -1.428606765330187045e-6f, r);
+  float p = 1.0f / 5040.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n >= -126: a normal float
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
+VIMPO_HD double exp_nonpos(double x) { return exp(x); }
+
+// ---- forward: finish a row from its sums ----------------------------------------------------
+
+template <class T>
+VIMPO_HD T row_lse(T row_max, T z_sum) { return row_max + log(z_sum); }
+
+template <class T>
+VIMPO_HD T row_entropy(T z_sum, T zx_sum) { return log(z_sum) - zx_sum / z_sum; }
+
+template <class T>
+VIMPO_HD T row_kl(T z_sum, T zk_sum, T zr_sum) { return zk_sum / z_sum - log(z_sum) + log(zr_sum); }
+
+// ---- backward: d loss / d tempered logit of one vocabulary entry --------------------------
+// With p_j = exp(logp_j), logq_j the reference log-prob, k = KL(p||q), H = entropy:
+//   d logp_y / d l_j = 1[j=y] - p_j
+//   d k      / d l_j = p_j (logp_j - logq_j - k)
+//   d H      / d l_j = -p_j (logp_j + H)
+// The caller adds g_logp once at the target entry (the 1[j=y] term).
+template <class T>
+VIMPO_HD T dlogit_entry(T p, T logp_j, T logq_j, T g_logp, T g_kl, T kl, T g_ent, T ent) {
+  return p * (-g_logp + g_kl * (logp_j - logq_j - kl) - g_ent * (logp_j + ent));
+}
+
+// ---- PPO-clipped actor loss (GRPO / Dr.GRPO / DAPO): d loss / d logp of one token ----------
+// Spec section 9 and vimpo_loss/reference.py `ppo_actor_loss`: with Delta = clamp(logp - old,
+// -20, 20) and ratio = exp(Delta), the token carries gradient iff |Delta| < 20 and
+//   (A > 0 and ratio <= 1 + eps_high)  or  (A < 0 and 1 - eps_low <= ratio <= c).
+// Then d(-A ratio)/d logp = -A ratio. `agg_w` is the token's weight in the aggregation
+// (1/N for token-mean, 1/(B' L_i) for seq-mean-token-mean, ...), `is_w` the rollout
+// importance weight. The optional k3 KL penalty kl_coeff * agg(exp(d) - 1 - d), d = ref - logp,
+// adds kl_coeff * agg_w * (1 - exp(d)).
+struct PPOParams {
+  double clip_low;
+  double clip_high;
+  double clip_c;
+  double kl_coeff;
+};
+
+constexpr double kLogRatioClamp = 20.0;
+
+template <class T>
+VIMPO_HD bool ppo_token_active(T log_ratio, T adv, const PPOParams& prm) {
+  const T ratio = exp(log_ratio);
+  const bool in_range = fabs(log_ratio) < T(kLogRatioClamp);
+  const bool pos = adv > T(0) && ratio <= T(1.0 + prm.clip_high);
+  const bool neg = adv < T(0) && ratio >= T(1.0 - prm.clip_low) && ratio <= T(prm.clip_c);
+  return in_range && (pos || neg);
+}
+
+template <class T>
+VIMPO_HD T ppo_dloss_dlogp(T logp, T old_logp, T adv, T agg_w, T is_w, T ref_logp, const PPOParams& prm) {
+  T log_ratio = logp - old_logp;
+  log_ratio = log_ratio > T(kLogRatioClamp) ? T(kLogRatioClamp)
+            : (log_ratio < T(-kLogRatioClamp) ? T(-kLogRatioClamp) : log_ratio);
+  T g = ppo_token_active(log_ratio, adv, prm) ? -adv * exp(log_ratio) * is_w * agg_w : T(0);
+  if (prm.kl_coeff > 0) g += T(prm.kl_coeff) * agg_w * (T(1) - exp(ref_logp - logp));
+  return g;
+}
+
+}  // namespace vimpo
