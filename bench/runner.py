@@ -1,0 +1,421 @@
+"""Presets, orchestration and result rows.
+
+One run = for every op of the preset: the float64 truth of every point (one worker), the GEMM
+floor of every shape (one worker), then one worker process per contender that times all its
+points and measures their memory. Workers are `python -m bench.measure JOB RESULT`; the result
+file is rewritten after every point, so a worker killed for memory still reports what it did.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+from . import report
+from .contenders import contenders
+from .floor import floor_seconds
+from .problems import OPS, Point, floor_flops, floor_gemms
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+DEFAULT_OUT = os.path.join(BENCH_DIR, "results")
+BASELINE = "materialize"
+# The Triton interpreter runs a kernel program by program in Python: only tiny shapes.
+CORRECTNESS_ONLY_MAX_WORK = 2e7  # N * H * V
+# Never start a materializing contender whose estimated peak exceeds this share of free memory.
+MEMORY_HEADROOM = 0.8
+
+# Dense bf16 tensor-core peaks (vendor datasheets), for the "fraction of peak" column.
+BF16_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    Ns: tuple[int, ...]
+    Hs: tuple[int, ...]
+    Vs: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    reps: int
+    warmup: int
+    check_points: tuple[tuple[int, int, int], ...] = ()
+    """Tiny odd shapes (N, H, V) run by every contender, including correctness-only ones."""
+    ops: tuple[str, ...] = OPS
+    description: str = ""
+
+    def points(self, op: str, device: str) -> list[Point]:
+        timed = [Point(op, n, h, v, dt, device) for dt, h, v, n in itertools.product(self.dtypes, self.Hs, self.Vs, self.Ns)]
+        checks = [Point(op, n, h, v, dt, device) for (n, h, v) in self.check_points for dt in self.dtypes]
+        return checks + timed
+
+
+PRESETS = {
+    "smoke": Preset("smoke", Ns=(48, 96), Hs=(40,), Vs=(300,), dtypes=("fp32",), reps=1, warmup=1,
+                    description="tiny shapes, the machinery only (tests)"),
+    "quick": Preset("quick", Ns=(256, 512), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
+                    check_points=((96, 72, 1000),),
+                    description="< 3 min on a 2-core CPU: two N at H=1024, V=32768, fp32 + a tiny odd shape"),
+    "accept": Preset("accept", Ns=(4096,), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
+                     description="the acceptance point of issue 7: N=4096, H=1024, V=32768, fp32"),
+    "full": Preset("full", Ns=(512, 1024, 2048, 4096, 8192, 16384), Hs=(1024, 2048), Vs=(32768, 151936),
+                   dtypes=("fp32", "bf16"), reps=5, warmup=1, check_points=((96, 72, 1000),),
+                   description="the whole sweep (hours on a small CPU; meant for a GPU or a big host)"),
+}
+
+
+@dataclass
+class Settings:
+    preset: Preset
+    out: str = DEFAULT_OUT
+    device: str = "cpu"
+    ops: tuple[str, ...] = OPS
+    only: Optional[tuple[str, ...]] = None
+    """Contender names to run (None = all); the baseline is always kept for the ratios."""
+    in_process: bool = False
+    memory: bool = True
+    timeout: Optional[float] = None
+    command: str = ""
+    log: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _log(settings: Settings, msg: str) -> None:
+    if settings.log:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------------------------
+
+def _run_worker(job: dict, settings: Settings, env_extra: dict, workdir: str) -> tuple[Optional[object], str]:
+    """(result or None, error text). In-process when allowed and no special environment is needed."""
+    from .measure import run_job
+    if settings.in_process and not env_extra:
+        try:
+            return run_job(job), ""
+        except Exception as exc:  # noqa: BLE001 - reported as a row, the run goes on
+            return None, f"{type(exc).__name__}: {exc}"
+    fd, job_path = tempfile.mkstemp(suffix=".json", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(job, f)
+    result_path = job_path[:-5] + ".result.json"
+    env = {**os.environ, **env_extra}
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.measure", job_path, result_path], env=env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=settings.timeout)
+        err = "" if proc.returncode == 0 else _describe_exit(proc.returncode, proc.stderr)
+    except subprocess.TimeoutExpired:
+        err = f"worker timed out after {settings.timeout} s"
+    result = None
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            result = json.load(f)
+    return result, err
+
+
+def _describe_exit(rc: int, stderr: str) -> str:
+    why = "killed (out of memory?)" if rc in (-9, 137) else f"exit code {rc}"
+    tail = stderr.strip().splitlines()[-3:] if stderr else []
+    return f"worker {why}: " + " | ".join(tail)[-400:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which contender runs where
+# ---------------------------------------------------------------------------------------------
+
+def _available_memory() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _skip_reason(contender, point: Point, free_bytes: float) -> Optional[str]:
+    ok, why = contender.available(point)
+    if not ok:
+        return "unavailable: " + why
+    if not contender.timed(point) and point.N * point.H * point.V > CORRECTNESS_ONLY_MAX_WORK:
+        return "skipped: correctness-only contender (interpreter), shape too large"
+    need = contender.mem_estimate(point)
+    if need > MEMORY_HEADROOM * free_bytes:
+        return f"skipped: needs ~{need / 2**30:.1f} GiB, {free_bytes / 2**30:.1f} GiB free"
+    return None
+
+
+def _plan(settings: Settings, op: str):
+    """[(contender, runnable points, skipped rows)] for `op`."""
+    found = contenders(op)
+    names = [n for n in found if settings.only is None or n in settings.only or n == BASELINE]
+    points = settings.preset.points(op, settings.device)
+    free = _available_memory()
+    plan = []
+    for name in names:
+        c = found[name]
+        runnable, skipped = [], []
+        for p in points:
+            why = _skip_reason(c, p, free)
+            if why is None:
+                runnable.append(p)
+            else:
+                status = "unavailable" if why.startswith("unavailable") else "skipped"
+                skipped.append({"point": p.to_dict(), "status": status, "why": why.split(": ", 1)[1]})
+        plan.append((c, runnable, skipped))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def run(settings: Settings) -> dict:
+    """Run the preset; write results.json, table.md and plots; return the results dict."""
+    started = _dt.datetime.now(_dt.timezone.utc)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + f"-{settings.preset.name}"
+    run_dir = os.path.join(settings.out, run_id)
+    os.makedirs(run_dir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="tmp-", dir=settings.out)
+    meta = {"id": run_id, "preset": settings.preset.name, "preset_description": settings.preset.description,
+            "command": settings.command, "started": started.isoformat(timespec="seconds"),
+            "reps": settings.preset.reps, "warmup": settings.preset.warmup, "device": settings.device,
+            "in_process": settings.in_process, "load_start": list(os.getloadavg()),
+            "machine": machine_info(settings.device), "versions": versions(), "git": git_revision()}
+    rows: list[dict] = []
+    try:
+        for op in settings.ops:
+            rows += _run_op(settings, op, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta["elapsed_s"] = round(time.time() - started.timestamp(), 1)
+    meta["load_end"] = list(os.getloadavg())
+    results = {"run": meta, "rows": rows}
+    results["checks"] = report.acceptance_checks(rows)
+    report.write_all(results, run_dir, settings.out)
+    _log(settings, f"done in {meta['elapsed_s']} s: {run_dir}")
+    return results
+
+
+def _run_op(settings: Settings, op: str, workdir: str) -> list[dict]:
+    plan = _plan(settings, op)
+    to_run = sorted({p for _, pts, _ in plan for p in pts}, key=lambda p: (p.dtype, p.H, p.V, p.N))
+    if not to_run:
+        return [_row(op, c, s, {}) for c, _, skipped in plan for s in skipped]
+    truth_dir = os.path.join(workdir, "truth")
+    _log(settings, f"[{op}] float64 truth for {len(to_run)} point(s)")
+    _, err = _run_worker({"kind": "truth", "points": [p.to_dict() for p in to_run], "truth_dir": truth_dir},
+                         settings, {}, workdir)
+    if err:
+        _log(settings, f"[{op}] truth failed: {err}")
+    timed_points = [p for p in to_run if any(c.timed(p) and p in pts for c, pts, _ in plan)]
+    _log(settings, f"[{op}] GEMM floor for {len(timed_points)} shape(s)")
+    floors = {}
+    if timed_points:
+        res, ferr = _run_worker({"kind": "floor", "points": [p.to_dict() for p in timed_points],
+                                 "reps": settings.preset.reps, "warmup": settings.preset.warmup}, settings, {}, workdir)
+        if ferr:
+            _log(settings, f"[{op}] floor failed: {ferr}")
+        for item in res or []:
+            floors[Point(**item["point"])] = item["gemms"]
+    rows = []
+    for contender, points, skipped in plan:
+        rows += [_row(op, contender, s, floors) for s in skipped]
+        if not points:
+            continue
+        _log(settings, f"[{op}] {contender.name} on {len(points)} point(s)")
+        job = {"kind": "contender", "op": op, "contender": contender.name, "points": [p.to_dict() for p in points],
+               "reps": settings.preset.reps, "warmup": settings.preset.warmup,
+               "truth_dir": truth_dir if not err else None, "memory": settings.memory}
+        res, werr = _run_worker(job, settings, contender.env, workdir)
+        done = {Point(**r["point"]): r for r in (res or [])}
+        for p in points:
+            r = done.get(p) or {"point": p.to_dict(), "status": "error", "why": werr or "no result"}
+            if werr and "mem_method" not in r and r["status"] == "ok":
+                r["mem_error"] = werr
+            rows.append(_row(op, contender, r, floors))
+            _log(settings, "    " + report.one_line(rows[-1]))
+    _add_baseline_ratios(rows)
+    return rows
+
+
+def _row(op: str, contender, measured: dict, floors: dict) -> dict:
+    point = Point(**measured["point"])
+    row = {"op": op, "contender": contender.name, "family": contender.family, "description": contender.description,
+           **{k: v for k, v in point.to_dict().items() if k != "op"}, **{k: v for k, v in measured.items() if k != "point"}}
+    gemms = floors.get(point)
+    if gemms:
+        row["floor_fwd_s"] = floor_seconds(gemms, floor_gemms(op, "fwd"))
+        row["floor_fwdbwd_s"] = floor_seconds(gemms, floor_gemms(op, "fwdbwd"))
+        row["floor_gemms"] = {"fwd": list(floor_gemms(op, "fwd")), "fwdbwd": list(floor_gemms(op, "fwdbwd"))}
+        row["gemm_s"] = {k: v["median_s"] for k, v in gemms.items()}
+    if "fwdbwd" in measured:
+        t_fwd, t_all = measured["fwd"]["median_s"], measured["fwdbwd"]["median_s"]
+        if gemms:
+            row["x_floor_fwd"] = t_fwd / row["floor_fwd_s"]
+            row["x_floor_fwdbwd"] = t_all / row["floor_fwdbwd_s"]
+        row["useful_tflops_fwdbwd"] = floor_flops(point, "fwdbwd") / t_all / 1e12
+        peak = _bf16_peak(point.device)
+        if peak:
+            row["frac_bf16_peak"] = row["useful_tflops_fwdbwd"] * 1e12 / peak
+    return row
+
+
+def _add_baseline_ratios(rows: list[dict]) -> None:
+    key = lambda r: (r["op"], r["N"], r["H"], r["V"], r["dtype"], r["device"])  # noqa: E731
+    base = {key(r): r for r in rows if r["contender"] == BASELINE and r["status"] == "ok"}
+    for r in rows:
+        b = base.get(key(r))
+        if b is None or r["status"] != "ok":
+            continue
+        r["x_baseline_fwdbwd"] = r["fwdbwd"]["median_s"] / b["fwdbwd"]["median_s"]
+        if r.get("peak_fwdbwd_bytes") is not None and b.get("peak_fwdbwd_bytes"):
+            r["x_baseline_mem"] = r["peak_fwdbwd_bytes"] / b["peak_fwdbwd_bytes"]
+
+
+def _bf16_peak(device: str) -> Optional[float]:
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in BF16_PEAK_FLOPS.items():
+        if all(word in name for word in key.split()):
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------------
+
+def machine_info(device: str) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "mem_total_gib": round(_meminfo("MemTotal") / 2**30, 1), "hostname": platform.node()}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["bf16_peak_tflops"] = (_bf16_peak(device) or 0) / 1e12 or None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo(field: str) -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def versions() -> dict:
+    from importlib import metadata
+    out = {"torch": torch.__version__}
+    for dist in ("vimpo", "triton", "liger-kernel", "cut-cross-entropy", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def git_revision() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def build_parser(prog: str = "python -m bench", ops: tuple[str, ...] = OPS):
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description="Benchmark vimpo's kernels against the alternatives.")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="default: quick")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")
+    if len(ops) > 1:
+        p.add_argument("--ops", default=",".join(ops), help=f"comma-separated subset of {','.join(ops)}")
+    p.add_argument("--contenders", default=None, help="comma-separated contender names (baseline always kept)")
+    p.add_argument("--N", default=None, help="override the preset's token counts, e.g. 512,1024")
+    p.add_argument("--H", default=None, help="override hidden sizes")
+    p.add_argument("--V", default=None, help="override vocabulary sizes")
+    p.add_argument("--dtypes", default=None, help="override dtypes (fp32,bf16)")
+    p.add_argument("--reps", type=int, default=None, help="override timed runs per point")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run contenders in this process (faster start, less isolated memory figures)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def settings_from_args(args, ops: tuple[str, ...], command: str) -> Settings:
+    preset = PRESETS[args.preset]
+    changes = {}
+    for name in ("N", "H", "V"):
+        if getattr(args, name):
+            changes[name + "s"] = _ints(getattr(args, name))
+    if args.dtypes:
+        changes["dtypes"] = tuple(x.strip() for x in args.dtypes.split(",") if x.strip())
+    if args.reps is not None:
+        if args.reps < 1:
+            raise ValueError(f"--reps must be >= 1, got {args.reps}")
+        changes["reps"] = args.reps
+    if changes:
+        preset = replace(preset, **changes)
+    if getattr(args, "ops", None):
+        ops = tuple(x.strip() for x in args.ops.split(",") if x.strip())
+        bad = [o for o in ops if o not in OPS]
+        if bad:
+            raise ValueError(f"--ops: unknown op(s) {bad}; choose from {OPS}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    only = tuple(x.strip() for x in args.contenders.split(",")) if args.contenders else None
+    return Settings(preset=preset, out=os.path.abspath(args.out), device=device, ops=ops, only=only,
+                    in_process=args.in_process, memory=not args.no_memory, timeout=args.timeout,
+                    command=command, log=not args.quiet)
+
+
+def op_main(op: str, argv) -> int:
+    """Entry point of `python -m bench.bench_<op>`: the same options, one op."""
+    args = build_parser(f"python -m bench.bench_{op}", (op,)).parse_args(argv)
+    settings = settings_from_args(args, (op,), "python -m bench.bench_" + op + " " + " ".join(argv))
+    results = run(settings)
+    return 0 if all(c["passed"] for c in results["checks"] if c["kind"] == "correctness") else 1
