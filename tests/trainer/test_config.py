@@ -1,0 +1,74 @@
+"""Config loading: YAML + key=value overrides, and errors that name the offending key."""
+
+from __future__ import annotations
+
+import pytest
+
+from vimpo.train_config import ConfigError, load_config
+
+
+def test_embedded_default_is_the_toy_run():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "toy" and cfg.data.train == "toy" and cfg.reward.fn == "toy"
+    assert cfg.sft.steps > 0, "the default run includes the supervised warm start"
+    assert cfg.loss_config().algorithm == "vimpo"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 7\nalgorithm:\n  name: grpo\n  loss: {clip_ratio_high: 0.3}\n")
+    cfg = load_config(path, ["train.steps=9", "optim.lr=1e-3", "optim.betas=[0.9, 0.95]", "rollout.is_cap=null"])
+    assert cfg.train.steps == 9 and cfg.optim.lr == 1e-3 and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.algorithm.name == "grpo" and cfg.loss_config().clip_ratio_high == 0.3
+    assert cfg.model.name_or_path == "toy", "keys absent from the file keep the dataclass defaults"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.stpes=3"], "unknown config key 'train.stpes' (did you mean 'train.steps'?)"),
+    (["trian.steps=3"], "unknown config key 'trian'"),
+    (["train.steps=three"], "train.steps must be int, got 'three'"),
+    (["train.steps=-1"], "train.steps must be >= 0"),
+    (["train.resume=3"], "train.resume must be bool"),
+    (["algorithm.name=ppo"], "algorithm.name must be one of"),
+    (["rollout.backend=sglang"], "rollout.backend must be one of"),
+    (["reward.noise_flip_prob=1.5"], "reward.noise_flip_prob must lie in [0, 1]"),
+    (["reward.fn=nocolon"], "reward.fn must be 'toy', 'math' or 'module:function'"),
+    (["algorithm.loss={beta: -1}"], "algorithm.loss: beta must lie in"),
+    (["algorithm.loss={not_a_knob: 1}"], "algorithm.loss:"),
+    (["train.mini_batches=3"], "train.mini_batches=3 must divide"),
+    (["train.steps"], "must look like key=value"),
+], ids=["typo-suggests", "unknown-section", "wrong-type", "negative", "bool", "algorithm", "backend",
+        "flip-prob", "reward-spec", "loss-range", "loss-unknown", "mini-batches", "no-equals"])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(listy)
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_shipped_example_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs, "configs/*.yaml examples are part of the trainer"
+    for path in configs:
+        load_config(path)

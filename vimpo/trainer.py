@@ -1,0 +1,502 @@
+"""The training loop: rollouts -> rewards -> fused VIMPO (or GRPO-family) loss -> AdamW.
+
+Read `train` top to bottom; everything it calls is below it or in a sibling module. One
+training step:
+
+  1. take `prompts_per_step` prompts (deterministic sampler), sample `n` responses each;
+  2. score them (failures get `reward.error_value` and are counted), optionally flip groups;
+  3. compute the group baseline (VIMPO) / advantages (GRPO family) on the whole step batch;
+  4. for each epoch and mini-batch: accumulate gradients over micro-batches, the loss
+     normalised by the mini-batch's global token / sequence counts, then clip and step;
+  5. push the new weights into the sampler; log; evaluate every K steps; checkpoint.
+
+Single process or `torchrun` (FSDP2 over the decoder layers and the root, which runs the
+fused loss in its forward so the sharded LM-head weights are gathered for the kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vimpo_kernels import fused_linear_logprobs
+from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
+
+from . import checkpoint as ckpt
+from .data import PromptSampler, check_prompt_lengths, load_splits
+from .model import (PolicyWithReference, SequenceBatch, context_length, frozen_copy, lm_head, load_policy,
+                    response_hidden, shard)
+from .plot import plot_metrics
+from .rewards import flip_group_rewards, load_reward_fn, score
+from .rollout import Rollouts, left_pad, make_rollout
+from .train_config import Config, ConfigError, save_config
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) RL training; returns a summary with the first and last eval results."""
+    env = DistEnv.setup()
+    out = Path(cfg.train.output_dir)
+    resume_from = _resume_point(out, cfg.train.resume)
+    log = Logger(out, env.is_main, cfg.train.progress, resume_step=resume_from and ckpt_step(resume_from))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.train.seed + env.rank)
+    set_threads(cfg, env)
+
+    # ---- data, rewards, models ----
+    policy, tokenizer = load_policy(cfg.model, cfg.train.seed)
+    policy.to(env.device)
+    train_recs, eval_recs = load_splits(cfg.data, cfg.train.seed)
+    train_ids = tokenize_prompts(tokenizer, train_recs, cfg, "train", policy)
+    eval_ids = tokenize_prompts(tokenizer, eval_recs, cfg, "eval", policy)
+    reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.timeout_s)
+    loss_cfg = cfg.loss_config()
+    if resume_from is None and cfg.sft.steps > 0:
+        run_sft(policy, tokenizer, train_recs, train_ids, cfg, env, log)
+    reference = frozen_copy(policy) if (not loss_cfg.is_grpo_family or loss_cfg.kl_loss_coeff > 0) else None
+    _persist_reference(reference, out, resume_from is not None, cfg, env)
+    net = PolicyWithReference(policy, reference)
+    if env.world > 1:
+        shard(net)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
+    sampler = PromptSampler(len(train_recs), cfg.train.seed)
+    rollout = make_rollout(cfg.rollout, policy, tokenizer, seed=cfg.train.seed, gather=env.gather(net))
+
+    start = 0
+    if resume_from is not None:
+        start = restore(resume_from, net, optimizer, scheduler, sampler, env)
+        rollout.update_weights(policy)
+        log.message(f"resumed from {resume_from} (step {start})")
+    first_eval = None
+    if start == 0:
+        first_eval = evaluate(rollout, tokenizer, eval_recs, eval_ids, reward_fn, cfg, env, step=0)
+        log.eval(first_eval)
+
+    # ---- the loop ----
+    last_eval = first_eval
+    for step in log.progress(range(start + 1, cfg.train.steps + 1), start, cfg.train.steps):
+        t0 = time.perf_counter()
+        idx = sampler.next_indices(cfg.train.prompts_per_step)[env.rank::env.world]
+        roll = rollout.generate([train_ids[i] for i in idx], cfg.rollout.n)
+        recs = [train_recs[i] for i in idx for _ in range(cfg.rollout.n)]
+        rewards, group_ids, reward_stats = compute_rewards(roll, recs, tokenizer, reward_fn, cfg, step, env)
+        stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer)
+        rollout.update_weights(policy)
+        log.train(step, {**reward_stats, **stats, "lr": scheduler.get_last_lr()[0],
+                         "response_length": float(np.mean([len(r) for r in roll.response_ids])),
+                         "truncated_frac": float(np.mean(roll.truncated)), "step_time_s": time.perf_counter() - t0})
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            last_eval = evaluate(rollout, tokenizer, eval_recs, eval_ids, reward_fn, cfg, env, step=step)
+            log.eval(last_eval)
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            save(out, step, net, optimizer, scheduler, sampler, cfg, env)
+
+    if env.is_main and cfg.train.steps > 0:
+        plot_metrics(log.metrics_path)
+    summary = {"first_eval": first_eval, "last_eval": last_eval, "metrics": str(log.metrics_path),
+               "plot": str(out / "curves.png"), "output_dir": str(out)}
+    log.message(f"metrics: {log.metrics_path}\nplot:    {out / 'curves.png'}")
+    env.teardown()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# One update: baseline/advantages on the step batch, then mini-batches of micro-batches
+# ---------------------------------------------------------------------------------------------
+
+def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_cfg, cfg: Config, env,
+           tokenizer) -> dict:
+    pad = tokenizer.pad_token_id
+    extra = {}
+    if loss_cfg.is_grpo_family:
+        extra["advantages"] = grpo_advantages(rewards, group_ids, norm_by_std=loss_cfg.grpo_norm_by_std,
+                                              epsilon=loss_cfg.grpo_epsilon)
+    else:
+        baseline = group_mean(rewards, group_ids)
+        extra["baseline"] = baseline if loss_cfg.cap_v0 is None else baseline.clamp(max=loss_cfg.cap_v0)
+    rows = torch.arange(len(roll.response_ids))
+    mini_batches = rows.chunk(cfg.train.mini_batches)
+    off_policy = cfg.train.mini_batches > 1 or cfg.train.ppo_epochs > 1
+    behaviour = behaviour_logprobs(net, roll, rows, cfg, loss_cfg, env, pad) if off_policy or cfg.rollout.is_cap else {}
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(cfg.train.ppo_epochs):
+        for mb in mini_batches:
+            num_tokens = env.all_sum(float(sum(len(roll.response_ids[i]) for i in mb.tolist())))
+            num_sequences = env.all_sum(float(len(mb)))
+            for micro in mb.split(cfg.train.micro_batch_size):
+                batch = build_batch(roll, micro.tolist(), pad, env.device)
+                kwargs = {k: v[micro] for k, v in extra.items()}
+                kwargs.update({k: _pad_to(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
+                loss, metrics = net(batch, rewards[micro], group_ids[micro], config=loss_cfg,
+                                    backend=cfg.algorithm.backend, num_tokens=num_tokens,
+                                    num_sequences=num_sequences, process_group=env.group, **kwargs)
+                # FSDP averages gradients over ranks; the loss is each rank's share of a global
+                # sum (global normalisers above), so scale back to a sum.
+                (loss * env.world).backward()
+                for k, v in metrics.items():
+                    if k != "details":
+                        sums[k] = sums.get(k, 0.0) + float(v) * (1.0 if k in _ADDITIVE else len(micro) / len(mb))
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.policy.parameters(), cfg.optim.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):  # a non-finite norm skips the step (as the reference)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            n_updates += 1
+    return {k: v / n_updates for k, v in sums.items()}
+
+
+_ADDITIVE = ("loss", "value_loss", "value_loss_raw", "actor_loss")
+"""Micro-batch losses are shares of the mini-batch loss (global normalisers): they add up."""
+
+
+@torch.no_grad()
+def behaviour_logprobs(net, roll: Rollouts, rows, cfg: Config, loss_cfg, env, pad) -> dict:
+    """Old log-probs for an off-policy update (and truncated IS weights when `is_cap` is set)."""
+    width = max(len(r) for r in roll.response_ids)
+    sampler_lp = torch.zeros(len(rows), width)
+    for i, lp in enumerate(roll.logprobs):
+        sampler_lp[i, :len(lp)] = torch.tensor(lp)
+    trainer_lp = torch.zeros(len(rows), width)
+    for micro in rows.split(cfg.train.micro_batch_size):
+        batch = build_batch(roll, micro.tolist(), pad, env.device)
+        with env.gather(net)():
+            lp = net.policy_logprobs(batch, loss_cfg.temperature, cfg.algorithm.backend).float().cpu()
+        trainer_lp[micro, :lp.shape[1]] = lp
+    out = {}
+    if cfg.train.mini_batches > 1 or cfg.train.ppo_epochs > 1:
+        out["old_logprobs"] = trainer_lp if cfg.rollout.old_logprobs == "recompute" else sampler_lp
+    if cfg.rollout.is_cap:
+        out["rollout_is_weights"] = torch.exp(trainer_lp - sampler_lp).clamp(max=cfg.rollout.is_cap)
+    return {k: v.to(env.device) for k, v in out.items()}
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x[:, :width]
+
+
+def build_batch(roll: Rollouts, rows: list[int], pad: int, device) -> SequenceBatch:
+    """Left-padded prompts, right-padded responses, for the given response rows."""
+    prompt_ids, prompt_mask = left_pad([roll.prompt_ids[i] for i in rows], pad, "cpu")
+    responses = [roll.response_ids[i] for i in rows]
+    width = max(1, max(len(r) for r in responses))
+    targets = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        targets[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return SequenceBatch(torch.cat([prompt_ids, targets], 1).to(device), torch.cat([prompt_mask, mask], 1).to(device),
+                         prompt_ids.shape[1], targets.to(device), mask.to(device))
+
+
+def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg: Config, step: int, env):
+    """(rewards used for training, group ids, logged stats). Noise flips whole groups."""
+    completions = tokenizer.batch_decode(roll.response_ids, skip_special_tokens=True)
+    result = score(reward_fn, [r["prompt"] for r in recs], completions, [r["answer"] for r in recs],
+                   cfg.reward.error_value, None if cfg.reward.fn == "math" else cfg.reward.timeout_s)
+    n = cfg.rollout.n
+    groups = [j for j in range(len(recs) // n) for _ in range(n)]
+    train_rewards, flipped = result.rewards, [False] * len(recs)
+    if cfg.reward.noise_flip_prob > 0:
+        uids = [f"{env.rank}-{g}" for g in groups]
+        train_rewards, flipped = flip_group_rewards(result.rewards, uids, seed=cfg.reward.noise_seed, step=step,
+                                                    flip_prob=cfg.reward.noise_flip_prob)
+    stats = {"reward_mean": env.all_mean(float(np.mean(result.rewards))),
+             "reward_errors": env.all_sum(float(result.errors)),
+             "flipped_frac": float(np.mean(flipped))}
+    if result.errors and env.is_main:
+        print(f"[vimpo] step {step}: {result.errors} reward error(s), scored {cfg.reward.error_value}; "
+              f"first: {result.messages[0]}", flush=True)
+    return (torch.tensor(train_rewards, dtype=torch.float32, device=env.device),
+            torch.tensor(groups, dtype=torch.long, device=env.device), stats)
+
+
+@torch.no_grad()
+def evaluate(rollout, tokenizer, recs, ids, reward_fn, cfg: Config, env, step: int) -> dict:
+    """Greedy decoding on the held-out prompts: accuracy (mean reward) and response length."""
+    n = len(recs) if cfg.train.eval_prompts is None else min(cfg.train.eval_prompts, len(recs))
+    mine = list(range(n))[env.rank::env.world]
+    total = correct = length = 0.0
+    for chunk in (mine[i:i + 256] for i in range(0, len(mine), 256)):
+        roll = rollout.generate([ids[i] for i in chunk], 1, greedy=True,
+                                max_new_tokens=cfg.rollout.eval_max_new_tokens or cfg.rollout.max_new_tokens)
+        completions = tokenizer.batch_decode(roll.response_ids, skip_special_tokens=True)
+        res = score(reward_fn, [recs[i]["prompt"] for i in chunk], completions, [recs[i]["answer"] for i in chunk],
+                    cfg.reward.error_value, None if cfg.reward.fn == "math" else cfg.reward.timeout_s)
+        total += len(chunk)
+        correct += sum(res.rewards)
+        length += sum(len(r) for r in roll.response_ids)
+    total, correct, length = env.all_sum(total), env.all_sum(correct), env.all_sum(length)
+    return {"step": step, "accuracy": correct / max(total, 1), "response_length": length / max(total, 1),
+            "eval_prompts": int(total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised warm start (`vimpo sft`, and the first stage of the embedded default)
+# ---------------------------------------------------------------------------------------------
+
+def run_sft(policy, tokenizer, recs: list[dict], prompt_ids: list[list[int]], cfg: Config, env, log) -> None:
+    """Next-token NLL on the reference answers, through the same fused log-prob kernels (no
+    logits are materialised here either)."""
+    s = cfg.sft
+    answers = [tokenizer(r["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in recs]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(s.warmup_steps, s.steps))
+    gen = torch.Generator().manual_seed(cfg.train.seed + 7919 * (env.rank + 1))
+    policy.train()
+    for step in log.progress(range(1, s.steps + 1), 0, s.steps, desc="sft"):
+        rows = torch.randint(len(recs), (s.batch_size,), generator=gen).tolist()
+        roll = Rollouts([prompt_ids[i] for i in rows], [answers[i] for i in rows], [], [])
+        batch = build_batch(roll, list(range(len(rows))), tokenizer.pad_token_id, env.device)
+        hidden = response_hidden(policy, batch)
+        weight, bias = lm_head(policy)
+        lp = fused_linear_logprobs(hidden, weight, batch.targets, bias=bias, mask=batch.mask.bool(),
+                                   backend=cfg.algorithm.backend).logprobs
+        loss = -(lp * batch.mask).sum() / batch.mask.sum()
+        loss.backward()
+        if env.world > 1:
+            for p in policy.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if step % 50 == 0 or step == s.steps:
+            log.record({"kind": "sft", "step": step, "loss": loss.item()})
+
+
+def warmup_then_constant(warmup: int):
+    return lambda i: min(1.0, (i + 1) / warmup) if warmup > 0 else 1.0
+
+
+def warmup_then_cosine(warmup: int, total: int, floor: float = 0.1):
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        frac = (i - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return factor
+
+
+def tokenize_prompts(tokenizer, recs: list[dict], cfg: Config, name: str, model) -> list[list[int]]:
+    if cfg.model.use_chat_template:
+        ids = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                             tokenize=True) for r in recs]
+        ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    else:
+        ids = [list(x) for x in tokenizer([r["prompt"] for r in recs]).input_ids]
+    budget = max(cfg.rollout.max_new_tokens, cfg.rollout.eval_max_new_tokens or 0)
+    check_prompt_lengths([len(x) for x in ids], cfg.data.max_prompt_length, recs, f"data.{name}",
+                         context=context_length(model), max_new_tokens=budget)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def ckpt_step(path: Path) -> int:
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def _resume_point(out: Path, resume: bool) -> Optional[Path]:
+    latest = ckpt.latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            print(f"[vimpo] --resume: no checkpoint in {out / 'checkpoints'}; starting from scratch", flush=True)
+        return latest
+    if latest is not None:
+        raise ConfigError(f"train.output_dir={str(out)!r} already holds checkpoints ({latest.name}); pass "
+                          "--resume to continue that run, or choose another train.output_dir")
+    return None
+
+
+def _persist_reference(reference, out: Path, resuming: bool, cfg: Config, env) -> None:
+    """The reference is the policy before RL (after the warm start): stored once, reloaded on resume."""
+    if reference is None:
+        return
+    path = out / "reference.safetensors"
+    if resuming and path.exists():
+        reference.load_state_dict(ckpt.load_weights(path))
+    elif not resuming and env.is_main and (cfg.sft.steps > 0 or cfg.model.name_or_path == "toy"):
+        tmp = out / "reference.tmp.safetensors"
+        ckpt.save_weights(reference.state_dict(), tmp)
+        os.replace(tmp, path)
+
+
+def save(out: Path, step: int, net, optimizer, scheduler, sampler, cfg: Config, env) -> None:
+    model_state, optim_state = env.full_state(net.policy, optimizer)
+    if env.is_main:
+        ckpt.save_checkpoint(out, step, model_state=model_state,
+                             optimizer_state={"optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                             trainer_state={"sampler": sampler.state_dict()}, keep_last=cfg.train.keep_last)
+    env.barrier()
+
+
+def restore(path: Path, net, optimizer, scheduler, sampler, env) -> int:
+    state = ckpt.load_checkpoint(path)
+    env.load_full_state(net.policy, optimizer, state["model"], state["optimizer"]["optimizer"])
+    scheduler.load_state_dict(state["optimizer"]["scheduler"])
+    sampler.load_state_dict(state["state"]["sampler"])
+    ckpt.set_rng_state(state["rng"])
+    return int(state["state"]["step"])
+
+
+def set_threads(cfg: Config, env) -> None:
+    if cfg.train.cpu_threads and env.device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpu_threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process environment (single process or torchrun) and logging
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    group: Optional[object] = None
+
+    @classmethod
+    def setup(cls) -> "DistEnv":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if world == 1:
+            return cls(device=torch.device("cuda" if cuda else "cpu"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), world, device, dist.group.WORLD)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def all_mean(self, x: float) -> float:
+        return self.all_sum(x) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, net):
+        """A context factory that gathers the FSDP root's parameters (for generate)."""
+        if self.world == 1:
+            return contextlib.nullcontext
+
+        @contextlib.contextmanager
+        def gathered():
+            net.unshard()
+            try:
+                yield
+            finally:
+                net.reshard()
+        return gathered
+
+    def full_state(self, model, optimizer):
+        if self.world == 1:
+            return model.state_dict(), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+    def load_full_state(self, model, optimizer, model_state, optim_state) -> None:
+        if self.world == 1:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+
+    def teardown(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per line, `kind` = train / eval / sft), a progress bar."""
+
+    def __init__(self, out: Path, is_main: bool, progress: bool, resume_step: Optional[int] = None):
+        self.metrics_path = out / "metrics.jsonl"
+        self.is_main, self.show = is_main, progress and is_main
+        self.bar = None
+        if is_main and resume_step is not None and self.metrics_path.exists():
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """Rows logged after the checkpoint we resume from will be produced again."""
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and not (json.loads(line).get("kind") in ("train", "eval")
+                                         and json.loads(line)["step"] > step)]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def progress(self, it, start: int, total: int, desc: str = "rl"):
+        if not self.show:
+            return it
+        from tqdm import tqdm
+
+        self.bar = tqdm(it, initial=start, total=total, desc=desc, dynamic_ncols=True)
+        return self.bar
+
+    def record(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def train(self, step: int, stats: dict) -> None:
+        self.record({"kind": "train", "step": step, **stats})
+        if self.bar is not None:
+            self.bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", loss=f"{stats.get('loss', 0.0):.2e}")
+
+    def eval(self, result: dict) -> None:
+        self.record({"kind": "eval", **result})
+        self.message(f"eval step {result['step']}: accuracy {result['accuracy']:.3f}, "
+                     f"mean response length {result['response_length']:.2f} ({result['eval_prompts']} prompts)")
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(f"[vimpo] {text}")
+        else:
+            print(f"[vimpo] {text}", flush=True)
