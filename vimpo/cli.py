@@ -86,9 +86,10 @@ def _print_summary(summary: dict) -> None:
     print(f"[vimpo] metrics: {summary['metrics']}\n[vimpo] plot:    {summary['plot']}")
 
 
-def run_bench(argv: list[str]) -> int:
+def run_bench(argv: list[str], repo_root: Path | None = None) -> int:
     """Delegate to `<repo>/bench/__main__.py:main(argv)` (a source checkout only)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "__main__.py"
+    root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parents[1]
+    path = root / "bench" / "__main__.py"
     if not path.is_file():
         print(f"vimpo bench: error: {path} not found; benchmarks live in the repository's bench/ folder "
               "(run from a source checkout)", file=sys.stderr)

@@ -56,12 +56,12 @@ def train(cfg: Config) -> dict:
     set_threads(cfg, env)
 
     # ---- data, rewards, models ----
+    train_recs, eval_recs = load_splits(cfg.data, cfg.train.seed)  # before the model: fail fast
+    reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.timeout_s)
     policy, tokenizer = load_policy(cfg.model, cfg.train.seed)
     policy.to(env.device)
-    train_recs, eval_recs = load_splits(cfg.data, cfg.train.seed)
     train_ids = tokenize_prompts(tokenizer, train_recs, cfg, "train", policy)
     eval_ids = tokenize_prompts(tokenizer, eval_recs, cfg, "eval", policy)
-    reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.timeout_s)
     loss_cfg = cfg.loss_config()
     if resume_from is None and cfg.sft.steps > 0:
         run_sft(policy, tokenizer, train_recs, train_ids, cfg, env, log)

@@ -192,12 +192,12 @@ def _check_grpo_family_args(args: GRPOConfig) -> None:
 def _check_vimpo_args(args: Any) -> None:
     if not isinstance(args, VIMPOTRLConfig):
         raise TypeError(f"args must be a VIMPOTRLConfig, got {type(args).__name__}")
-    _check_common_args(args)
     if args.beta != 0.0:
         raise ValueError(f"beta={args.beta}: TRL's k3 KL penalty is not part of VIMPO (its KL enters through "
                          "vimpo['beta'] and the exact KL); set beta=0.0")
     if args.delta is not None:
         raise ValueError("delta: VIMPO's dual clip is vimpo['clip_ratio_c']; leave delta=None")
+    _check_common_args(args)
 
 
 def _check_model(trainer: GRPOTrainer, peft_config: Any) -> None:
