@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def _train(cfg) -> int:
     from .trainer import train
 
     summary = train(cfg)
-    _print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
     return 0
 
 

@@ -17,7 +17,7 @@ from .train_config import DataConfig
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), each record {"prompt": str, "answer": str}."""
     if cfg.train == "toy":
-        train = toy.problems("train", cfg.toy_max_operand)
+        train = toy.problems("train", cfg.toy_max_operand, cfg.toy_teacher_error)
         evals = toy.eval_problems(cfg.toy_max_operand, cfg.toy_eval_size)
         return train, evals
     train = load_records(cfg.train, cfg.train_split, cfg, "data.train")

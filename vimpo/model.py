@@ -128,8 +128,16 @@ class PolicyWithReference(nn.Module):
         self.policy = policy
         self.reference = reference
 
-    def forward(self, batch: SequenceBatch, rewards: torch.Tensor, group_ids: torch.Tensor, *,
-                config: VIMPOConfig, backend: str = "auto", **loss_kwargs: Any):
+    def forward(self, batch: Optional[SequenceBatch], rewards: Optional[torch.Tensor] = None,
+                group_ids: Optional[torch.Tensor] = None, *, config: Optional[VIMPOConfig] = None,
+                backend: str = "auto", generate: Optional[dict] = None, logprobs_only: bool = False,
+                **loss_kwargs: Any):
+        if logprobs_only:  # behaviour log-probs for an off-policy update
+            return self.policy_logprobs(batch, config.temperature, backend)
+        if generate is not None:  # sampling inside the root forward: see `generate`
+            return self.policy.generate(**generate)
+        if batch is None:  # see `initialise_fsdp`
+            return None
         hidden = response_hidden(self.policy, batch)
         weight, bias = lm_head(self.policy)
         ref = {}
@@ -142,6 +150,19 @@ class PolicyWithReference(nn.Module):
         return fused_vimpo_loss(hidden, weight, batch.targets, batch.mask, rewards.to(hidden.device),
                                 group_ids.to(hidden.device), bias=bias, config=config, backend=backend,
                                 **ref, **loss_kwargs)
+
+    def generate(self, **kwargs):
+        """`policy.generate` run inside this module's forward, so that under FSDP2 the root's
+        parameters (embeddings, head) are gathered by FSDP's own hooks for the whole call."""
+        return self(None, generate=kwargs)
+
+    def initialise_fsdp(self) -> None:
+        """FSDP2 sets up its state on the first forward of the root, which must come before
+        anything calls the decoder layers directly. An empty forward does exactly that; the
+        root keeps its parameters gathered after a forward, so reshard them: the optimizer
+        must be built on the sharded parameters, not on the temporary unsharded ones."""
+        self(None)
+        self.reshard()
 
     def _needs_reference(self, config: VIMPOConfig) -> bool:
         needed = not config.is_grpo_family or config.kl_loss_coeff > 0

@@ -13,7 +13,6 @@ Responses end at the first end-of-sequence token (kept, it is a sampled action) 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ class Rollouts:
     truncated: list[bool]
 
 
-def make_rollout(cfg: RolloutConfig, model: nn.Module, tokenizer, seed: int = 0, gather=None):
+def make_rollout(cfg: RolloutConfig, model: nn.Module, tokenizer, seed: int = 0, generate_fn=None):
     if cfg.backend == "hf":
-        return HFRollout(model, tokenizer, cfg, gather=gather)
+        return HFRollout(model, tokenizer, cfg, generate_fn=generate_fn)
     return VLLMRollout(model, tokenizer, cfg, seed=seed, device="cpu" if cfg.backend == "vllm-cpu" else "cuda")
 
 
@@ -59,12 +58,12 @@ def eos_ids_of(tokenizer, model: nn.Module) -> set[int]:
 class HFRollout:
     """Sampling with `transformers` `generate` on the policy being trained."""
 
-    def __init__(self, model: nn.Module, tokenizer, cfg: RolloutConfig, gather=None):
+    def __init__(self, model: nn.Module, tokenizer, cfg: RolloutConfig, generate_fn=None):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.eos = eos_ids_of(tokenizer, model)
-        # Under FSDP2 the root's parameters (embeddings, head) must be gathered around
-        # generate, which never enters the root module's forward.
-        self.gather = gather or contextlib.nullcontext
+        # Under FSDP2, generate must run inside the root module's forward (which gathers the
+        # root's parameters): the trainer passes `PolicyWithReference.generate`.
+        self.generate_fn = generate_fn or model.generate
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, *, greedy: bool = False,
@@ -84,8 +83,7 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.gather():
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen)
+            out = self.generate_fn(input_ids=input_ids, attention_mask=attention, generation_config=gen)
         finally:
             self.model.train(was_training)
         width = input_ids.shape[1]

@@ -47,18 +47,32 @@ def tiny_model_config(hidden_size: int = 128, layers: int = 2, heads: int = 4, m
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, rms_norm_eps=1e-5)
 
 
+def _uniform(tag: str) -> float:
+    h = hashlib.blake2b(tag.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2 ** 64
+
+
 def is_eval_pair(a: int, b: int) -> bool:
     """Deterministic, seed-free split: the same pairs are held out on every machine."""
-    h = hashlib.blake2b(f"{a}+{b}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2 ** 64 < EVAL_SHARE
+    return _uniform(f"{a}+{b}") < EVAL_SHARE
 
 
-def problems(split: str, max_operand: int = 99) -> list[dict]:
-    """Every (a, b) pair of the split as records {prompt, answer}, in a fixed order."""
+def teacher_answer(a: int, b: int, error_rate: float) -> str:
+    """The warm start's demonstration: a sloppy teacher who is off by one on a fixed share
+    `error_rate` of the pairs. Above 0.5 the imitated mode is wrong, so a warm-started model
+    decodes mostly wrong answers greedily while sampling the right one often enough for
+    reinforcement learning with the exact verifier to find and prefer it."""
+    return str(a + b + 1) if _uniform(f"teacher:{a}+{b}") < error_rate else str(a + b)
+
+
+def problems(split: str, max_operand: int = 99, teacher_error: float = 0.0) -> list[dict]:
+    """Every (a, b) pair of the split as records {prompt, answer, demo}, in a fixed order.
+
+    `answer` is the truth (what the reward checks); `demo` is what the warm start imitates."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     want_eval = split == "eval"
-    return [{"prompt": f"{a}+{b}=", "answer": str(a + b)}
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "demo": teacher_answer(a, b, teacher_error)}
             for a in range(max_operand + 1) for b in range(max_operand + 1) if is_eval_pair(a, b) == want_eval]
 
 

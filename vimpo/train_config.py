@@ -63,6 +63,8 @@ class DataConfig:
     """Prompts longer than this (in tokens) are an error, reported with the record index."""
     toy_max_operand: int = 99
     toy_eval_size: int = 500
+    toy_teacher_error: float = 0.0
+    """Share of toy training pairs whose warm-start demonstration is off by one (see toy.py)."""
 
 
 @dataclass

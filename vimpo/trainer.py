@@ -16,7 +16,6 @@ fused loss in its forward so the sharded LM-head weights are gathered for the ke
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -69,13 +68,17 @@ def train(cfg: Config) -> dict:
     _persist_reference(reference, out, resume_from is not None, cfg, env)
     net = PolicyWithReference(policy, reference)
     if env.world > 1:
-        shard(net)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shard(net, mesh=init_device_mesh(env.device.type, (env.world,)))
+        net.initialise_fsdp()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(cfg.optim.warmup_steps))
     sampler = PromptSampler(len(train_recs), cfg.train.seed)
-    rollout = make_rollout(cfg.rollout, policy, tokenizer, seed=cfg.train.seed, gather=env.gather(net))
+    rollout = make_rollout(cfg.rollout, policy, tokenizer, seed=cfg.train.seed,
+                           generate_fn=net.generate if env.world > 1 else None)
 
     start = 0
     if resume_from is not None:
@@ -110,7 +113,6 @@ def train(cfg: Config) -> dict:
         plot_metrics(log.metrics_path)
     summary = {"first_eval": first_eval, "last_eval": last_eval, "metrics": str(log.metrics_path),
                "plot": str(out / "curves.png"), "output_dir": str(out)}
-    log.message(f"metrics: {log.metrics_path}\nplot:    {out / 'curves.png'}")
     env.teardown()
     return summary
 
@@ -177,8 +179,7 @@ def behaviour_logprobs(net, roll: Rollouts, rows, cfg: Config, loss_cfg, env, pa
     trainer_lp = torch.zeros(len(rows), width)
     for micro in rows.split(cfg.train.micro_batch_size):
         batch = build_batch(roll, micro.tolist(), pad, env.device)
-        with env.gather(net)():
-            lp = net.policy_logprobs(batch, loss_cfg.temperature, cfg.algorithm.backend).float().cpu()
+        lp = net(batch, config=loss_cfg, backend=cfg.algorithm.backend, logprobs_only=True).float().cpu()
         trainer_lp[micro, :lp.shape[1]] = lp
     out = {}
     if cfg.train.mini_batches > 1 or cfg.train.ppo_epochs > 1:
@@ -256,7 +257,9 @@ def run_sft(policy, tokenizer, recs: list[dict], prompt_ids: list[list[int]], cf
     """Next-token NLL on the reference answers, through the same fused log-prob kernels (no
     logits are materialised here either)."""
     s = cfg.sft
-    answers = [tokenizer(r["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in recs]
+    # `demo` (the toy task's teacher) when present, else the reference answer.
+    answers = [tokenizer(r.get("demo", r["answer"]), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+               for r in recs]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(s.warmup_steps, s.steps))
     gen = torch.Generator().manual_seed(cfg.train.seed + 7919 * (env.rank + 1))
@@ -342,7 +345,7 @@ def _persist_reference(reference, out: Path, resuming: bool, cfg: Config, env) -
 
 
 def save(out: Path, step: int, net, optimizer, scheduler, sampler, cfg: Config, env) -> None:
-    model_state, optim_state = env.full_state(net.policy, optimizer)
+    model_state, optim_state = env.full_state(net, optimizer)
     if env.is_main:
         ckpt.save_checkpoint(out, step, model_state=model_state,
                              optimizer_state={"optimizer": optim_state, "scheduler": scheduler.state_dict()},
@@ -352,7 +355,7 @@ def save(out: Path, step: int, net, optimizer, scheduler, sampler, cfg: Config, 
 
 def restore(path: Path, net, optimizer, scheduler, sampler, env) -> int:
     state = ckpt.load_checkpoint(path)
-    env.load_full_state(net.policy, optimizer, state["model"], state["optimizer"]["optimizer"])
+    env.load_full_state(net, optimizer, state["model"], state["optimizer"]["optimizer"])
     scheduler.load_state_dict(state["optimizer"]["scheduler"])
     sampler.load_state_dict(state["state"]["sampler"])
     ckpt.set_rng_state(state["rng"])
@@ -413,38 +416,26 @@ class DistEnv:
         if self.world > 1:
             dist.barrier()
 
-    def gather(self, net):
-        """A context factory that gathers the FSDP root's parameters (for generate)."""
+    def full_state(self, net, optimizer):
+        """(policy weights, optimizer state), whole tensors on CPU (gathered under FSDP)."""
         if self.world == 1:
-            return contextlib.nullcontext
-
-        @contextlib.contextmanager
-        def gathered():
-            net.unshard()
-            try:
-                yield
-            finally:
-                net.reshard()
-        return gathered
-
-    def full_state(self, model, optimizer):
-        if self.world == 1:
-            return model.state_dict(), optimizer.state_dict()
+            return net.policy.state_dict(), optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+        return (get_model_state_dict(net.policy, options=opts),
+                get_optimizer_state_dict(net, optimizer, options=opts))
 
-    def load_full_state(self, model, optimizer, model_state, optim_state) -> None:
+    def load_full_state(self, net, optimizer, model_state, optim_state) -> None:
         if self.world == 1:
-            model.load_state_dict(model_state)
+            net.policy.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
             return
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=opts)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+        set_model_state_dict(net.policy, model_state, options=opts)
+        set_optimizer_state_dict(net, optimizer, optim_state, options=opts)
 
     def teardown(self) -> None:
         if self.world > 1 and dist.is_initialized():
