@@ -72,3 +72,10 @@ def test_shipped_example_configs_are_valid():
     assert configs, "configs/*.yaml examples are part of the trainer"
     for path in configs:
         load_config(path)
+
+
+def test_configs_toy_yaml_is_the_embedded_default():
+    from pathlib import Path
+
+    written = load_config(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
+    assert written.to_dict() == load_config().to_dict()
