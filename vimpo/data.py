@@ -34,8 +34,12 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def load_records(source: str, split: str, cfg: DataConfig, key: str) -> list[dict]:
-    """Records from a .jsonl / .parquet path or a `datasets` name (`name` or `name:config`)."""
+    """Records from a .jsonl / .parquet file, a local dataset folder (read by `datasets`, split
+    `split`) or a `datasets` hub name (`name` or `name:config`)."""
     path = Path(source)
+    if path.is_dir():
+        rows = _read_hub(source, split, key)
+        return [_normalise(row, i, cfg, key, source) for i, row in enumerate(rows)]
     looks_local = path.suffix in (".jsonl", ".json", ".parquet") or source.startswith((".", "/", "~"))
     if looks_local or path.exists():
         if not path.is_file():

@@ -79,3 +79,15 @@ def test_toy_tokenizer_round_trip_and_split():
     held = {r["prompt"] for r in toy.problems("eval", 30)}
     assert train.isdisjoint(held) and len(train) + len(held) == 31 * 31
     assert 0.1 < len(held) / (31 * 31) < 0.3
+
+
+def test_local_dataset_folder_goes_through_datasets(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)])
+    _jsonl(folder / "test.jsonl", [{"prompt": "9+9=", "answer": "18"}])
+    cfg = DataConfig(train=str(folder), eval=str(folder), train_split="train", eval_split="test")
+    train, evals = load_splits(cfg, seed=0)
+    assert len(train) == 6 and evals == [{"prompt": "9+9=", "answer": "18"}]
+    with pytest.raises(ValueError, match="could not load dataset .* split 'validation'"):
+        load_records(str(folder), "validation", cfg, "data.eval")

@@ -77,3 +77,26 @@ def test_hidden_path_matches_model_logits(tiny):
     torch.testing.assert_close(ours[m], theirs[m], rtol=0, atol=1e-5)
     sampled = torch.tensor([lp for row in roll.logprobs for lp in row])
     torch.testing.assert_close(ours[m], sampled, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.mini_batches=2"],                                   # off-policy: recomputed old log-probs
+    ["train.ppo_epochs=2", "rollout.old_logprobs=rollout"],     # sampler log-probs as the behaviour
+    ["rollout.is_cap=2.0"],                                     # truncated importance weights
+], ids=["two-mini-batches", "two-epochs-rollout-logprobs", "is-cap"])
+def test_off_policy_variants_run(tiny, test_rewards_on_path, overrides):
+    cfg = tiny("train.steps=1", "reward.fn=reward_fns_for_tests:first_digit_odd", *overrides)
+    train(cfg)
+    (row,) = _rows(Path(cfg.train.output_dir) / "metrics.jsonl", "train")
+    assert row["grad_norm"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+    if "train.mini_batches=2" in overrides or "train.ppo_epochs=2" in overrides:
+        assert row["ppo_kl"] != 0.0, "the second update must see a ratio != 1"
+
+
+def test_reward_noise_is_applied_to_training_only(tiny, test_rewards_on_path):
+    cfg = tiny("train.steps=1", "reward.fn=reward_fns_for_tests:first_digit_odd", "reward.noise_flip_prob=1.0")
+    summary = train(cfg)
+    (row,) = _rows(Path(cfg.train.output_dir) / "metrics.jsonl", "train")
+    assert row["flipped_frac"] == 1.0
+    assert 0.0 < row["reward_mean"] < 1.0, "the logged reward is the clean one"
+    assert summary["last_eval"]["step"] == 1
