@@ -256,9 +256,12 @@ def validate(cfg: Config) -> None:
     if cfg.reward.fn not in ("toy", "math") and ":" not in cfg.reward.fn:
         raise ConfigError(f"reward.fn must be 'toy', 'math' or 'module:function', got {cfg.reward.fn!r}")
     try:
-        cfg.loss_config()
+        loss = cfg.loss_config()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"algorithm.loss: {exc}") from None
+    if loss.adaptive_actor_coeff:
+        raise ConfigError("algorithm.loss.adaptive_actor_coeff=true is not supported by the trainer (it needs "
+                          "per-token logit-gradient norms the fused loss does not return)")
 
 
 # ---------------------------------------------------------------------------------------------
