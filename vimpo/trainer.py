@@ -449,8 +449,11 @@ class Logger:
         self.metrics_path = out / "metrics.jsonl"
         self.is_main, self.show = is_main, progress and is_main
         self.bar = None
-        if is_main and resume_step is not None and self.metrics_path.exists():
-            self._truncate_after(resume_step)
+        if is_main and self.metrics_path.exists():
+            if resume_step is None:  # a fresh start (also after a kill before the first checkpoint)
+                self.metrics_path.unlink()
+            else:
+                self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
         """Rows logged after the checkpoint we resume from will be produced again."""
