@@ -34,6 +34,7 @@ def load_policy(cfg: ModelConfig, seed: int = 0):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _DTYPES[cfg.dtype]
+    check_attention(cfg.attn_implementation)
     if cfg.name_or_path == "toy":
         tokenizer = toy.build_tokenizer()
         config = toy.tiny_model_config(cfg.toy_hidden_size, cfg.toy_layers, cfg.toy_heads)
@@ -55,6 +56,17 @@ def load_policy(cfg: ModelConfig, seed: int = 0):
     check_supported(model)
     model.config.use_cache = True
     return model, tokenizer
+
+
+def check_attention(name: str) -> None:
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if not torch.cuda.is_available():
+            raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn_implementation=flash_attention_2 needs flash-attn "
+                             "(pip install 'vimpo[flash]'); or use sdpa")
 
 
 def check_supported(model: nn.Module) -> None:

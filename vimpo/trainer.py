@@ -45,6 +45,9 @@ from .train_config import Config, ConfigError, save_config
 def train(cfg: Config) -> dict:
     """Run (or resume) RL training; returns a summary with the first and last eval results."""
     env = DistEnv.setup()
+    if cfg.train.prompts_per_step % env.world:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the "
+                          f"{env.world} processes (every rank runs the same number of micro-batches)")
     out = Path(cfg.train.output_dir)
     resume_from = _resume_point(out, cfg.train.resume)
     log = Logger(out, env.is_main, cfg.train.progress, resume_step=resume_from and ckpt_step(resume_from))
@@ -302,7 +305,7 @@ def tokenize_prompts(tokenizer, recs: list[dict], cfg: Config, name: str, model)
     if cfg.model.use_chat_template:
         ids = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                              tokenize=True) for r in recs]
-        ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+        ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]  # BatchEncoding in v5
     else:
         ids = [list(x) for x in tokenizer([r["prompt"] for r in recs]).input_ids]
     budget = max(cfg.rollout.max_new_tokens, cfg.rollout.eval_max_new_tokens or 0)

@@ -80,3 +80,15 @@ def test_configs_toy_yaml_is_the_embedded_default():
 
     written = load_config(Path(__file__).resolve().parents[2] / "configs" / "toy.yaml")
     assert written.to_dict() == load_config().to_dict()
+
+
+def test_flash_attention_without_gpu_is_a_clear_error():
+    import torch
+
+    from vimpo.model import check_attention
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error under test is the CPU one")
+    with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA GPU; use sdpa"):
+        check_attention("flash_attention_2")
+    check_attention("sdpa")
