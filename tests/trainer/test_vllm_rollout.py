@@ -24,7 +24,7 @@ def _vllm_python() -> str | None:
     candidates = [os.environ.get("VIMPO_VLLM_PYTHON"), str(REPO / ".venv-vllm" / "bin" / "python")]
     for c in candidates:
         if c and Path(c).exists():
-            return c
+            return str(Path(c).absolute())
     return sys.executable if importlib.util.find_spec("vllm") else None
 
 
