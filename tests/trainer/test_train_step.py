@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vimpo.checkpoint import load_weights
 from vimpo.model import PolicyWithReference, frozen_copy, load_policy
 from vimpo.rollout import make_rollout
 from vimpo.trainer import build_batch, train
@@ -21,20 +22,18 @@ def _rows(path, kind):
 def test_one_step_per_algorithm(tiny, test_rewards_on_path, algorithm):
     cfg = tiny(f"algorithm.name={algorithm}", "train.steps=1", "reward.fn=reward_fns_for_tests:first_digit_odd")
     initial, _ = load_policy(cfg.model, cfg.train.seed)
-    summary = train(cfg)
-    out = cfg.train.output_dir
-    (row,) = _rows(Path(out) / "metrics.jsonl", "train")
+    train(cfg)
+    out = Path(cfg.train.output_dir)
+    (row,) = _rows(out / "metrics.jsonl", "train")
     assert 0.0 < row["reward_mean"] < 1.0, "the test reward must give a non-degenerate group signal"
     assert row["grad_norm"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
     assert row["reward_errors"] == 0
     # The update reached the weights (the checkpoint holds the trained policy).
-    from vimpo.checkpoint import load_weights
-
-    trained = load_weights(Path(out) / "checkpoints" / "step_000001" / "model.safetensors")
+    trained = load_weights(out / "checkpoints" / "step_000001" / "model.safetensors")
     changed = [k for k, v in initial.state_dict().items() if not torch.equal(v, trained[k])]
     assert changed, f"{algorithm}: no parameter moved"
-    assert (Path(out) / "curves.png").stat().st_size > 0
-    assert {r["step"] for r in _rows(Path(out) / "metrics.jsonl", "eval")} == {0, 1}
+    assert (out / "curves.png").stat().st_size > 0
+    assert {r["step"] for r in _rows(out / "metrics.jsonl", "eval")} == {0, 1}
 
 
 def test_training_step_never_calls_the_lm_head(tiny):
