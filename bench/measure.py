@@ -173,26 +173,32 @@ def truth_path(truth_dir: str, point: Point) -> str:
 # The worker: one contender over a list of points
 # ---------------------------------------------------------------------------------------------
 
-def time_contender(op: str, name: str, points: list[Point], reps: int, warmup: int, truth_dir: Optional[str],
-                   memory: bool, on_row=None) -> list[dict]:
-    """Timing and correctness for every point, then (optionally) memory for every point."""
+def time_contenders(tasks: list[dict], reps: int, warmup: int, truth_dir: Optional[str], memory: bool,
+                    on_update=None) -> dict[str, list[dict]]:
+    """{"<op>/<contender>": rows} for tasks [{"op", "contender", "points"}]: the timing and
+    correctness of every task first, then the memory runs of every task (see the module doc)."""
     from .contenders import get
-    contender = get(op, name)
-    rows = []
-    for point in points:
-        rows.append(_time_point(contender, point, reps, warmup, truth_dir))
-        if on_row:
-            on_row(rows)
-    if memory:
-        method = cpu_memory_method() if all(p.device == "cpu" for p in points) else "torch.cuda.max_memory_allocated"
-        if method is not None:
+    results, todo = {}, []
+    for task in tasks:
+        contender = get(task["op"], task["contender"])
+        points = [Point(**p) for p in task["points"]]
+        rows = results.setdefault(f"{task['op']}/{task['contender']}", [])
+        for point in points:
+            rows.append(_time_point(contender, point, reps, warmup, truth_dir))
+            todo.append((contender, point, rows[-1]))
+            if on_update:
+                on_update(results)
+    if memory and todo:
+        on_cuda = any(p.device == "cuda" for _, p, _ in todo)
+        method = "torch.cuda.max_memory_allocated minus allocated before the run" if on_cuda else cpu_memory_method()
+        if method is not None and not on_cuda:
             strict_malloc()
-        for row, point in zip(rows, points):
+        for contender, point, row in todo:
             if row["status"] == "ok":
                 _memory_point(contender, point, row, method)
-                if on_row:
-                    on_row(rows)
-    return rows
+                if on_update:
+                    on_update(results)
+    return results
 
 
 def _time_point(contender, point: Point, reps: int, warmup: int, truth_dir: Optional[str]) -> dict:
@@ -257,7 +263,7 @@ def time_floors(points: list[Point], reps: int, warmup: int) -> list[dict]:
 
 def run_job(job: dict, result_path: Optional[str] = None):
     """Execute one job description (the same dict the runner sends to a worker process)."""
-    points = [Point(**p) for p in job["points"]]
+    points = [Point(**p) for p in job.get("points", [])]
 
     def write(result):
         if result_path:
@@ -271,9 +277,9 @@ def run_job(job: dict, result_path: Optional[str] = None):
         result = {"done": True}
     elif job["kind"] == "floor":
         result = time_floors(points, job["reps"], job["warmup"])
-    elif job["kind"] == "contender":
-        result = time_contender(job["op"], job["contender"], points, job["reps"], job["warmup"],
-                                job.get("truth_dir"), job.get("memory", True), on_row=write)
+    elif job["kind"] == "contenders":
+        result = time_contenders(job["tasks"], job["reps"], job["warmup"], job.get("truth_dir"),
+                                 job.get("memory", True), on_update=write)
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
     write(result)

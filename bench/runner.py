@@ -55,6 +55,8 @@ class Preset:
     """Tiny odd shapes (N, H, V) run by every contender, including correctness-only ones."""
     ops: tuple[str, ...] = OPS
     description: str = ""
+    skip: tuple[str, ...] = ()
+    """Contenders this preset leaves out (unless named with --contenders)."""
 
     def points(self, op: str, device: str) -> list[Point]:
         timed = [Point(op, n, h, v, dt, device) for dt, h, v, n in itertools.product(self.dtypes, self.Hs, self.Vs, self.Ns)]
@@ -65,10 +67,14 @@ class Preset:
 PRESETS = {
     "smoke": Preset("smoke", Ns=(48, 96), Hs=(40,), Vs=(300,), dtypes=("fp32",), reps=1, warmup=1,
                     description="tiny shapes, the machinery only (tests)"),
-    "quick": Preset("quick", Ns=(256, 512), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
-                    check_points=((96, 72, 1000),),
-                    description="< 3 min on a 2-core CPU: two N at H=1024, V=32768, fp32 + a tiny odd shape"),
+    # `ours:torch` is the materializing reference behind our API (the baseline's twin) and
+    # `ours:triton` on CPU is the interpreter (correctness only, ~1 min of start-up): both are
+    # left to the other presets so that this one stays under 3 minutes on 2 idle cores.
+    "quick": Preset("quick", Ns=(256, 512), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=2, warmup=1,
+                    skip=("ours:torch", "ours:triton"),
+                    description="< 3 min on 2 idle CPU cores: N=256,512 at H=1024, V=32768, fp32"),
     "accept": Preset("accept", Ns=(4096,), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
+                     skip=("ours:torch", "ours:triton"),
                      description="the acceptance point of issue 7: N=4096, H=1024, V=32768, fp32"),
     "full": Preset("full", Ns=(512, 1024, 2048, 4096, 8192, 16384), Hs=(1024, 2048), Vs=(32768, 151936),
                    dtypes=("fp32", "bf16"), reps=5, warmup=1, check_points=((96, 72, 1000),),
@@ -84,7 +90,9 @@ class Settings:
     ops: tuple[str, ...] = OPS
     only: Optional[tuple[str, ...]] = None
     """Contender names to run (None = all); the baseline is always kept for the ratios."""
-    in_process: bool = False
+    isolation: str = "fork"
+    """Where contenders run: "fork" (a child of a pre-imported fork server per contender), "spawn" (a fresh interpreter per
+    contender) or "none" (this process; fastest, least isolated memory figures)."""
     memory: bool = True
     timeout: Optional[float] = None
     command: str = ""
@@ -102,9 +110,15 @@ def _log(settings: Settings, msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _run_worker(job: dict, settings: Settings, env_extra: dict, workdir: str) -> tuple[Optional[object], str]:
-    """(result or None, error text). In-process when allowed and no special environment is needed."""
+    """(result or None, error text) of one job.
+
+    isolation "fork": a child of the fork server (see `_fork_worker`); "spawn": a fresh
+    interpreter; "none": this process. A job that needs other environment variables (the
+    Triton interpreter) always gets a fresh interpreter: they are read at import time.
+    """
     from .measure import run_job
-    if settings.in_process and not env_extra:
+    mode = "spawn" if env_extra else settings.isolation
+    if mode == "none":
         try:
             return run_job(job), ""
         except Exception as exc:  # noqa: BLE001 - reported as a row, the run goes on
@@ -113,20 +127,63 @@ def _run_worker(job: dict, settings: Settings, env_extra: dict, workdir: str) ->
     with os.fdopen(fd, "w") as f:
         json.dump(job, f)
     result_path = job_path[:-5] + ".result.json"
-    env = {**os.environ, **env_extra}
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.measure", job_path, result_path], env=env, cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=settings.timeout)
-        err = "" if proc.returncode == 0 else _describe_exit(proc.returncode, proc.stderr)
-    except subprocess.TimeoutExpired:
-        err = f"worker timed out after {settings.timeout} s"
+    err = _fork_worker(job, result_path, settings.timeout) if mode == "fork" else \
+        _spawn_worker(job_path, result_path, env_extra, settings.timeout)
     result = None
     if os.path.exists(result_path):
         with open(result_path) as f:
             result = json.load(f)
     return result, err
+
+
+def _spawn_worker(job_path: str, result_path: str, env_extra: dict, timeout: Optional[float]) -> str:
+    env = {**os.environ, **env_extra}
+    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.measure", job_path, result_path], env=env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"worker timed out after {timeout} s"
+    return "" if proc.returncode == 0 else _describe_exit(proc.returncode, proc.stderr)
+
+
+def _fork_child(job: dict, result_path: str) -> None:
+    import warnings
+    warnings.simplefilter("ignore")
+    from .measure import run_job
+    run_job(job, result_path)
+
+
+# Modules the fork server imports once, so that each worker starts in milliseconds.
+_PRELOAD = ["torch", "vimpo_kernels", "bench.measure", "bench.truth", "bench.floor", "bench.bench_vimpo_loss",
+            "bench.bench_dapo", "bench.bench_logprobs"]
+
+
+def _fork_worker(job: dict, result_path: str, timeout: Optional[float]) -> str:
+    """A child forked from multiprocessing's fork server: a clean process that only imported
+    modules. Forking this (parent) process instead is unsafe once it has run a parallel torch
+    op (a forked OpenMP runtime can deadlock), and spawning pays the imports every time."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD + [m for m in ("liger_kernel.chunked_loss", "cut_cross_entropy")
+                                           if _importable(m)])
+    proc = ctx.Process(target=_fork_child, args=(job, result_path))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return f"worker timed out after {timeout} s"
+    return "" if proc.exitcode == 0 else _describe_exit(proc.exitcode, "")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _describe_exit(rc: int, stderr: str) -> str:
@@ -165,7 +222,10 @@ def _skip_reason(contender, point: Point, free_bytes: float) -> Optional[str]:
 def _plan(settings: Settings, op: str):
     """[(contender, runnable points, skipped rows)] for `op`."""
     found = contenders(op)
-    names = [n for n in found if settings.only is None or n in settings.only or n == BASELINE]
+    if settings.only is None:
+        names = [n for n in found if n not in settings.preset.skip]
+    else:
+        names = [n for n in found if n in settings.only or n == BASELINE]
     points = settings.preset.points(op, settings.device)
     free = _available_memory()
     plan = []
@@ -197,12 +257,10 @@ def run(settings: Settings) -> dict:
     meta = {"id": run_id, "preset": settings.preset.name, "preset_description": settings.preset.description,
             "command": settings.command, "started": started.isoformat(timespec="seconds"),
             "reps": settings.preset.reps, "warmup": settings.preset.warmup, "device": settings.device,
-            "in_process": settings.in_process, "load_start": list(os.getloadavg()),
+            "isolation": settings.isolation, "load_start": list(os.getloadavg()),
             "machine": machine_info(settings.device), "versions": versions(), "git": git_revision()}
-    rows: list[dict] = []
     try:
-        for op in settings.ops:
-            rows += _run_op(settings, op, workdir)
+        rows = _run_all(settings, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -215,53 +273,81 @@ def run(settings: Settings) -> dict:
     return results
 
 
-def _run_op(settings: Settings, op: str, workdir: str) -> list[dict]:
-    plan = _plan(settings, op)
-    to_run = sorted({p for _, pts, _ in plan for p in pts}, key=lambda p: (p.dtype, p.H, p.V, p.N))
-    if not to_run:
-        return [_row(op, c, s, {}) for c, _, skipped in plan for s in skipped]
+def _shape(p: Point) -> tuple:
+    return (p.N, p.H, p.V, p.dtype, p.device)
+
+
+def _run_all(settings: Settings, workdir: str) -> list[dict]:
+    plans = {op: _plan(settings, op) for op in settings.ops}
+    to_run = sorted({p for plan in plans.values() for _, pts, _ in plan for p in pts},
+                    key=lambda p: (p.op, p.dtype, p.H, p.V, p.N))
     truth_dir = os.path.join(workdir, "truth")
-    _log(settings, f"[{op}] float64 truth for {len(to_run)} point(s)")
-    _, err = _run_worker({"kind": "truth", "points": [p.to_dict() for p in to_run], "truth_dir": truth_dir},
-                         settings, {}, workdir)
-    if err:
-        _log(settings, f"[{op}] truth failed: {err}")
-    timed_points = [p for p in to_run if any(c.timed(p) and p in pts for c, pts, _ in plan)]
-    _log(settings, f"[{op}] GEMM floor for {len(timed_points)} shape(s)")
-    floors = {}
-    if timed_points:
-        res, ferr = _run_worker({"kind": "floor", "points": [p.to_dict() for p in timed_points],
-                                 "reps": settings.preset.reps, "warmup": settings.preset.warmup}, settings, {}, workdir)
-        if ferr:
-            _log(settings, f"[{op}] floor failed: {ferr}")
-        for item in res or []:
-            floors[Point(**item["point"])] = item["gemms"]
-    rows = []
-    for contender, points, skipped in plan:
-        rows += [_row(op, contender, s, floors) for s in skipped]
-        if not points:
-            continue
+    floors, truth_ok = {}, False
+    if to_run:
+        _log(settings, f"float64 truth for {len(to_run)} (op, point) pair(s)")
+        _, err = _run_worker({"kind": "truth", "points": [p.to_dict() for p in to_run], "truth_dir": truth_dir},
+                             settings, {}, workdir)
+        truth_ok = not err
+        if err:
+            _log(settings, f"truth failed, no error columns: {err}")
+        floors = _time_floors(settings, plans, workdir)
+    rows, by_env = [], {}
+    for op, plan in plans.items():
+        for contender, points, skipped in plan:
+            rows += [_row(op, contender, s, floors) for s in skipped]
+            if points:
+                by_env.setdefault(tuple(sorted(contender.env.items())), []).append((op, contender, points))
+    common = {"reps": settings.preset.reps, "warmup": settings.preset.warmup,
+              "truth_dir": truth_dir if truth_ok else None, "memory": settings.memory}
+    for op, contender, points in by_env.pop((), []):
         _log(settings, f"[{op}] {contender.name} on {len(points)} point(s)")
-        job = {"kind": "contender", "op": op, "contender": contender.name, "points": [p.to_dict() for p in points],
-               "reps": settings.preset.reps, "warmup": settings.preset.warmup,
-               "truth_dir": truth_dir if not err else None, "memory": settings.memory}
-        res, werr = _run_worker(job, settings, contender.env, workdir)
-        done = {Point(**r["point"]): r for r in (res or [])}
-        for p in points:
-            r = done.get(p) or {"point": p.to_dict(), "status": "error", "why": werr or "no result"}
-            if werr and "mem_method" not in r and r["status"] == "ok":
-                r["mem_error"] = werr
-            rows.append(_row(op, contender, r, floors))
-            _log(settings, "    " + report.one_line(rows[-1]))
+        rows += _run_tasks([(op, contender, points)], common, settings, workdir, floors)
+    for env, group in by_env.items():
+        # Contenders that need their own environment (the Triton interpreter) share one fresh
+        # interpreter per environment: its start-up dominates their (tiny, correctness-only) runs.
+        _log(settings, f"{', '.join(f'[{op}] {c.name}' for op, c, _ in group)} in one process with {dict(env)}")
+        rows += _run_tasks(group, common, settings, workdir, floors)
     _add_baseline_ratios(rows)
     return rows
+
+
+def _run_tasks(group, common: dict, settings: Settings, workdir: str, floors: dict) -> list[dict]:
+    tasks = [{"op": op, "contender": c.name, "points": [p.to_dict() for p in pts]} for op, c, pts in group]
+    res, err = _run_worker({"kind": "contenders", "tasks": tasks, **common}, settings, group[0][1].env, workdir)
+    rows = []
+    for op, contender, points in group:
+        done = {Point(**r["point"]): r for r in (res or {}).get(f"{op}/{contender.name}", [])}
+        for p in points:
+            r = done.get(p) or {"point": p.to_dict(), "status": "error", "why": err or "no result"}
+            if err and r["status"] == "ok" and "mem_method" not in r:
+                r["mem_error"] = err
+            rows.append(_row(op, contender, r, floors))
+            _log(settings, "    " + report.one_line(rows[-1]))
+    return rows
+
+
+def _time_floors(settings: Settings, plans: dict, workdir: str) -> dict:
+    shapes = {}
+    for plan in plans.values():
+        for c, pts, _ in plan:
+            for p in pts:
+                if c.timed(p):
+                    shapes.setdefault(_shape(p), p)
+    if not shapes:
+        return {}
+    _log(settings, f"GEMM floor for {len(shapes)} shape(s)")
+    res, err = _run_worker({"kind": "floor", "points": [p.to_dict() for p in shapes.values()],
+                            "reps": settings.preset.reps, "warmup": settings.preset.warmup}, settings, {}, workdir)
+    if err:
+        _log(settings, f"floor failed: {err}")
+    return {_shape(Point(**item["point"])): item["gemms"] for item in res or []}
 
 
 def _row(op: str, contender, measured: dict, floors: dict) -> dict:
     point = Point(**measured["point"])
     row = {"op": op, "contender": contender.name, "family": contender.family, "description": contender.description,
            **{k: v for k, v in point.to_dict().items() if k != "op"}, **{k: v for k, v in measured.items() if k != "point"}}
-    gemms = floors.get(point)
+    gemms = floors.get(_shape(point))
     if gemms:
         row["floor_fwd_s"] = floor_seconds(gemms, floor_gemms(op, "fwd"))
         row["floor_fwdbwd_s"] = floor_seconds(gemms, floor_gemms(op, "fwdbwd"))
@@ -376,8 +462,9 @@ def build_parser(prog: str = "python -m bench", ops: tuple[str, ...] = OPS):
     p.add_argument("--reps", type=int, default=None, help="override timed runs per point")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    p.add_argument("--in-process", action="store_true",
-                   help="run contenders in this process (faster start, less isolated memory figures)")
+    p.add_argument("--isolation", default="fork", choices=("fork", "spawn", "none"),
+                   help="fork: a child of a pre-imported fork server per contender (default); spawn: a fresh interpreter per "
+                        "contender; none: all in this process (least isolated memory figures)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker process")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -409,7 +496,7 @@ def settings_from_args(args, ops: tuple[str, ...], command: str) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     only = tuple(x.strip() for x in args.contenders.split(",")) if args.contenders else None
     return Settings(preset=preset, out=os.path.abspath(args.out), device=device, ops=ops, only=only,
-                    in_process=args.in_process, memory=not args.no_memory, timeout=args.timeout,
+                    isolation=args.isolation, memory=not args.no_memory, timeout=args.timeout,
                     command=command, log=not args.quiet)
 
 

@@ -1,0 +1,177 @@
+"""The benchmark machinery on tiny shapes: the truth, the floor, the memory method, the report.
+
+These run in a few seconds (contenders in this process, shapes of ~1e6 flops); the real
+figures come from `python -m bench`, see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import contenders as registry
+from bench import runner, truth
+from bench.contenders import Contender
+from bench.measure import TOLERANCE, normwise_error
+from bench.problems import Point, floor_gemms, make_problem
+
+# Contenders fast enough to run in-process here: cce's torch.compile costs tens of seconds and
+# the Triton interpreter needs its own process (tests/ of those backends cover them).
+FAST = ("materialize", "ours:cpu", "ours:torch", "ours:cuda", "liger", "torch:lce")
+
+
+def _settings(tmp_path, **kw):
+    preset = runner.Preset("smoke", Ns=(48, 96), Hs=(40,), Vs=(300,), dtypes=("fp32",), reps=1, warmup=1)
+    base = dict(preset=preset, out=str(tmp_path), isolation="none", only=FAST, log=False, command="pytest")
+    base.update(kw)
+    return runner.Settings(**base)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return runner.run(_settings(out)), out
+
+
+def test_smoke_run_writes_json_table_plots_and_jsonl(smoke_results):
+    results, out = smoke_results
+    run_dir = os.path.join(out, results["run"]["id"])
+    with open(os.path.join(run_dir, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["run"]["machine"]["cores"] == os.cpu_count()
+    assert saved["run"]["versions"]["torch"] == torch.__version__
+    assert "commit" in saved["run"]["git"]
+    table = open(os.path.join(out, "latest_smoke.md")).read()
+    for op in ("vimpo", "dapo", "logprobs"):
+        assert f"## `{op}`" in table
+        assert os.path.exists(os.path.join(run_dir, "plots", f"{op}-H40-V300-fp32-cpu-time.png"))
+    with open(os.path.join(out, "results.jsonl")) as f:
+        assert sum(1 for _ in f) == len(results["rows"])
+
+
+def test_smoke_rows_are_timed_correct_and_compared_to_floor_and_baseline(smoke_results):
+    results, _ = smoke_results
+    ok = [r for r in results["rows"] if r["status"] == "ok"]
+    ran = {(r["op"], r["contender"]) for r in ok}
+    assert {("vimpo", "materialize"), ("dapo", "materialize"), ("logprobs", "materialize")} <= ran
+    for r in ok:
+        assert 0 < r["fwd"]["median_s"] <= r["fwdbwd"]["median_s"], r
+        assert r["floor_fwdbwd_s"] > 0 and r["x_floor_fwdbwd"] > 0
+        assert r["peak_fwdbwd_bytes"] is not None
+        assert r["correct"], (r["op"], r["contender"], r["errors"])
+        if r["contender"] == "materialize":
+            assert r["x_baseline_fwdbwd"] == pytest.approx(1.0)
+    assert all(c["passed"] for c in results["checks"] if c["kind"] == "correctness")
+
+
+def test_unavailable_contenders_are_reported_not_run(smoke_results):
+    results, _ = smoke_results
+    cuda_rows = [r for r in results["rows"] if r["contender"] == "ours:cuda"]
+    assert all(r["status"] == "unavailable" and r["why"] for r in cuda_rows)
+
+
+def test_a_wrong_contender_fails_its_correctness_column(tmp_path, monkeypatch):
+    def build(prob):
+        p = prob.point
+        h2, t1 = prob.hidden.reshape(p.N, p.H), prob.targets.reshape(p.N)
+        from vimpo_kernels.logprobs.reference import linear_logprobs_reference
+
+        def forward():
+            lp = linear_logprobs_reference(h2, prob.weight, t1).logprobs * 1.001  # 0.1 % off
+            return lp.sum(), lp
+        return forward
+
+    wrong = Contender(name="wrong", op="logprobs", family="peer", description="scaled log-probs", build=build)
+    monkeypatch.setitem(registry._REGISTRY["logprobs"], "wrong", wrong)
+    results = runner.run(_settings(tmp_path, ops=("logprobs",), only=("wrong",)))
+    row = next(r for r in results["rows"] if r["contender"] == "wrong")
+    assert row["correct"] is False and row["max_err"] > TOLERANCE["fp32"]
+    assert not next(c for c in results["checks"] if c["kind"] == "correctness")["passed"]
+
+
+def test_peak_memory_sees_a_known_allocation(tmp_path, monkeypatch):
+    """The peak-RSS method counts a 64 MiB buffer a contender allocates during its forward."""
+    mib = 64
+
+    def build(prob):
+        p = prob.point
+
+        def forward():
+            held = torch.ones(mib * 2 ** 20 // 4)  # written, so resident
+            lp = (prob.hidden.reshape(p.N, p.H) @ prob.weight.T).log_softmax(-1)[:, 0] + 0 * held[0]
+            return lp.sum(), None
+        return forward
+
+    alloc = Contender(name="alloc", op="logprobs", family="peer", description="holds a buffer", build=build)
+    monkeypatch.setitem(registry._REGISTRY["logprobs"], "alloc", alloc)
+    results = runner.run(_settings(tmp_path, ops=("logprobs",), only=("alloc",)))
+    row = next(r for r in results["rows"] if r["contender"] == "alloc" and r["N"] == 96)
+    assert row["status"] == "ok", row
+    # Within a page or two below (pages already resident get reused) and the small logits above.
+    assert (mib - 1) * 2 ** 20 <= row["peak_fwd_bytes"] < (mib + 16) * 2 ** 20
+
+
+def test_forked_workers_report_the_materialized_logits(tmp_path):
+    """Through the fork server: the materializing baseline holds >= 2 N x V float32 buffers
+    after its forward (the scaled logits and the saved log-softmax) and fewer than 8."""
+    preset = runner.Preset("t", Ns=(512,), Hs=(64,), Vs=(8192,), dtypes=("fp32",), reps=1, warmup=1)
+    settings = _settings(tmp_path, preset=preset, ops=("logprobs",), only=("materialize",), isolation="fork")
+    results = runner.run(settings)
+    row = next(r for r in results["rows"] if r["contender"] == "materialize")
+    logits = 512 * 8192 * 4
+    assert row["status"] == "ok" and row["correct"], row
+    assert 2 * logits <= row["peak_fwd_bytes"] <= row["peak_fwdbwd_bytes"] < 8 * logits
+
+
+@pytest.mark.parametrize("op", ["vimpo", "dapo", "logprobs"])
+def test_chunked_truth_equals_unchunked(op, monkeypatch):
+    point = Point(op, 96, 40, 300)
+    whole = truth.compute_truth(make_problem(point))
+    monkeypatch.setattr(truth, "CHUNK_LOGITS_BYTES", 8 * 300 * 7)  # 7 rows per chunk, ragged end
+    chunked = truth.compute_truth(make_problem(point))
+    # Only float64 summation order differs; the VIMPO loss (~3e-7 here) is a difference of
+    # near-equal terms, so its relative rounding is ~1e-12 rather than 1e-16.
+    for key in ("loss", "d_hidden", "d_weight", "token_out"):
+        if whole[key] is not None:
+            assert normwise_error(chunked[key], whole[key]) < 1e-10, key
+
+
+def test_truth_matches_the_materializing_baseline_in_float64():
+    """The chunked two-pass truth is the gradient of the loss the materializing baseline computes."""
+    point = Point("vimpo", 96, 40, 300)
+    prob = make_problem(point)
+    prob.hidden = prob.hidden.detach().double().requires_grad_(True)
+    prob.weight = prob.weight.detach().double().requires_grad_(True)
+    prob.ref_hidden, prob.ref_weight = prob.ref_hidden.double(), prob.ref_weight.double()
+    loss, _ = registry.get("vimpo", "materialize").build(prob)()
+    loss.backward()
+    t = truth.compute_truth(prob)
+    assert float(loss) == pytest.approx(float(t["loss"]), rel=1e-12)
+    assert normwise_error(prob.hidden.grad, t["d_hidden"]) < 1e-10
+    assert normwise_error(prob.weight.grad, t["d_weight"]) < 1e-10
+
+
+def test_floor_counts_the_unavoidable_gemms():
+    assert floor_gemms("vimpo", "fwdbwd") == ("logits", "logits", "d_hidden", "d_weight")
+    assert floor_gemms("dapo", "fwdbwd") == ("logits", "d_hidden", "d_weight")
+    assert floor_gemms("logprobs", "fwd") == ("logits",)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(op="nope", N=8, H=4, V=10), "op"),
+    (dict(op="vimpo", N=0, H=4, V=10), "N"),
+    (dict(op="vimpo", N=300, H=4, V=10), "N"),
+    (dict(op="vimpo", N=8, H=4, V=10, dtype="fp8"), "dtype"),
+])
+def test_bad_points_raise_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Point(**kwargs)
+
+
+def test_cli_rejects_unknown_op_before_running(capsys):
+    from bench.__main__ import main
+    assert main(["--ops", "vimpo,nope", "--out", "/nonexistent"]) == 2
+    assert "nope" in capsys.readouterr().err
