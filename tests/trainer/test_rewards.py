@@ -11,14 +11,20 @@ import pytest
 
 from vimpo.rewards import MathReward, flip_group_rewards, group_uniform, load_reward_fn, score
 
-GOLDEN = Path("/work/shared/golden/grpo/reward_noise.json")
-
-
 def _golden():
+    """shared/golden as the repository's tests find it: skipped in a user's clone, required in CI."""
     import os
 
-    path = Path(os.environ.get("VIMPO_GOLDEN_DIR", GOLDEN.parents[1])) / "grpo" / "reward_noise.json"
-    return json.loads(path.read_text())
+    from trainer_testlib import REPO
+
+    env = os.environ.get("VIMPO_GOLDEN_DIR")
+    for folder in ([Path(env)] if env else []) + [REPO.parent / "shared" / "golden", REPO / "shared" / "golden"]:
+        if (folder / "grpo" / "reward_noise.json").is_file():
+            return json.loads((folder / "grpo" / "reward_noise.json").read_text())
+    msg = "golden vectors not found: set VIMPO_GOLDEN_DIR or place shared/golden beside the clone"
+    if os.environ.get("CI"):
+        pytest.fail(msg + " (CI must run the golden tests)")
+    pytest.skip(msg)
 
 
 def test_reward_noise_reproduces_the_reference():
