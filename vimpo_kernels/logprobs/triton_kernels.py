@@ -84,21 +84,29 @@ NUM_STATS = 8
 def _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """(X[rows] @ W[cols].T + B[cols]) / T in fp32; the caller masks invalid columns."""
+    """(X[rows] @ W[cols].T + B[cols]) / T in fp32; the caller masks invalid rows and columns.
+
+    Rows and columns past the end are clamped to the last valid one instead of masked: their
+    loads stay in bounds, their results are discarded, and only the H tail needs a mask (the
+    pointer tiles are built once and advanced; registers, not FLOPs, bound these kernels).
+    """
+    safe_rows = tl.where(row_mask, rows, 0).to(tl.int64)
+    safe_cols = tl.where(col_mask, cols, 0).to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    x_ptrs = X + safe_rows[:, None] * stride_x + hs[None, :]
+    # Loaded as (BLOCK_H, BLOCK_V): the transpose costs nothing but an address pattern.
+    w_ptrs = W + safe_cols[None, :] * stride_w + hs[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
-    w_cols = W + cols.to(tl.int64)[None, :] * stride_w
     for h0 in range(0, H, BLOCK_H):
-        hs = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hs < H
-        x = tl.load(x_rows + hs[None, :], mask=row_mask[:, None] & h_ok[None, :], other=0.0)
-        # Loaded as (BLOCK_H, BLOCK_V): the transpose costs nothing but an address pattern.
-        wt = tl.load(w_cols + hs[:, None], mask=h_ok[:, None] & col_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=hs[None, :] < H - h0, other=0.0)
+        wt = tl.load(w_ptrs, mask=hs[:, None] < H - h0, other=0.0)
         if UPCAST_DOT:
             x, wt = x.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
     if HAS_BIAS:
-        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(B + safe_cols).to(tl.float32)[None, :]
     return acc * inv_temp
 
 
@@ -131,21 +139,24 @@ def fwd_partials_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        is_tgt = cols[None, :] == tgt[:, None]
+
+        # Both GEMMs first, then the elementwise statistics: only the logit tile stays live across
+        # the reference GEMM loop (registers are what bound the tile size; see triton_autotune).
+        l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        if HAS_REF:
+            r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
+                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
 
         # Logits of masked columns stay finite (zero weights): excluded from the max and given
         # exp = 0, so no inf - inf ever forms.
-        l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        is_tgt = cols[None, :] == tgt[:, None]
         m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], l, float("-inf")), axis=1))
         alpha = tl.exp(m - m_new)
         l_rel = l - m_new[:, None]
         e = tl.where(col_mask[None, :], tl.exp(l_rel), 0.0)
         tgt_logit += tl.sum(tl.where(is_tgt, l, 0.0), axis=1)
-
         if HAS_REF:
-            r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
-                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
             mr_new = tl.maximum(mr, tl.max(tl.where(col_mask[None, :], r, float("-inf")), axis=1))
             r_rel = r - mr_new[:, None]
             tgt_ref += tl.sum(tl.where(is_tgt, r, 0.0), axis=1)
@@ -251,6 +262,9 @@ def bwd_kernel(
 
     l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+    if HAS_G_KL:  # both GEMMs before any elementwise tile, as in the forward
+        r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
+                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     logp = l - lse[:, None]
     p = tl.where(valid, tl.exp(logp), 0.0)
@@ -264,8 +278,6 @@ def bwd_kernel(
     if HAS_G_LSE:
         dl += tl.load(G_LSE + rows, mask=row_mask, other=0.0)[:, None] * p
     if HAS_G_KL:
-        r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
-                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         logq = r - tl.load(REF_LSE + rows, mask=row_mask, other=0.0)[:, None]
         kl = tl.load(KL + rows, mask=row_mask, other=0.0)
         g_kl = tl.load(G_KL + rows, mask=row_mask, other=0.0)

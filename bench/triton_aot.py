@@ -1,0 +1,171 @@
+"""Ahead-of-time compile every Triton token-statistics kernel and every autotune config for
+sm_80 and sm_90 (no GPU needed) and print registers, local memory and shared memory per kernel.
+
+    python bench/triton_aot.py [--arch 80 90] [--json out.json]
+
+Fails (exit 1) when a config uses local memory (register spills or stack) or more shared
+memory than the architecture gives one block. Each config is compiled with every feature flag
+on (bias, reference, KL, entropy, all gradients): the variant with the most live tiles, so the
+resource figures bound the lighter variants. 2-byte configs are compiled for bf16 (fp16 has the
+same layout and resources), 4-byte configs for fp32 with exact (`ieee`) dots, as at run time.
+
+Registers and local memory come from `cuobjdump --dump-resource-usage` on the cubin (the
+runtime's n_regs/n_spills need a driver); shared memory is Triton's dynamic allocation from
+the compiled metadata plus the cubin's static shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The interpreter replaces @triton.jit functions by Python ones that cannot be compiled.
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vimpo_kernels.logprobs import triton_autotune as tune  # noqa: E402
+from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402
+
+# Largest dynamic shared memory one block may opt into (CUDA C programming guide, compute
+# capabilities table): 163 KiB on sm_80, 227 KiB on sm_90.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_DTYPE = {2: "bf16", 4: "fp32"}
+
+
+def _signature(fn, types: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
+    """Full signature in argument order plus 16-divisibility hints on pointers, sizes and strides
+    (what the runtime specialises on for contiguous tensors with H, V multiples of 16)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        sig[name] = "constexpr" if name in constexprs else types[name]
+        if sig[name].startswith("*") or (sig[name] == "i32" and name in _DIVISIBLE):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+_DIVISIBLE = {"H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw", "stride_part_stat", "V_PER_SPLIT"}
+
+
+def _fwd_job(width: int, config):
+    dt = _DTYPE[width]
+    types = {n: f"*{dt}" for n in ("X", "W", "B", "RX", "RW", "RB")}
+    types.update(TGT="*i64", PART="*fp32", inv_temp="fp32")
+    types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw",
+                                     "stride_part_stat", "V_PER_SPLIT")})
+    consts = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, HAS_KL=True, HAS_ENTROPY=True,
+                  DOT_PRECISION="ieee" if width == 4 else "tf32", UPCAST_DOT=False, **config.kwargs)
+    return tk.fwd_partials_kernel, types, consts
+
+
+def _bwd_job(width: int, config):
+    dt = _DTYPE[width]
+    types = {n: f"*{dt}" for n in ("X", "W", "B", "RX", "RW", "RB")}
+    types.update({n: "*fp32" for n in ("LSE", "REF_LSE", "KL", "ENT", "G_LOGP", "G_LSE", "G_KL", "G_ENT",
+                                       "DX", "DW", "DB")})
+    types.update(TGT="*i64", inv_temp="fp32")
+    types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw")})
+    consts = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_G_LOGP=True, HAS_G_LSE=True, HAS_G_KL=True,
+                  HAS_G_ENT=True, NEED_DX=True, NEED_DW=True, NEED_DB=True,
+                  DOT_PRECISION="ieee" if width == 4 else "tf32", UPCAST_DOT=False, **config.kwargs)
+    return tk.bwd_kernel, types, consts
+
+
+def _merge_job():
+    types = {n: "*fp32" for n in ("PART", "LOGP", "LSE", "REF_LOGP", "REF_LSE", "KL", "ENT")}
+    types.update(N="i32", SPLITS="i32", stride_part_stat="i32")
+    consts = dict(HAS_REF=True, HAS_KL=True, HAS_ENTROPY=True, BLOCK_N=tune.MERGE_BLOCK_N)
+    return tk.merge_partials_kernel, types, consts
+
+
+def jobs():
+    """(kernel label, config label, width, (fn, types, constexprs), num_warps, num_stages)."""
+    out = []
+    for width in (2, 4):
+        for cfg in tune.FWD_CONFIGS[width]:
+            out.append(("fwd_partials", _label(cfg), width, _fwd_job(width, cfg), cfg.num_warps, cfg.num_stages))
+        for cfg in tune.BWD_CONFIGS[width]:
+            out.append(("bwd", _label(cfg), width, _bwd_job(width, cfg), cfg.num_warps, cfg.num_stages))
+    out.append(("merge_partials", f"N{tune.MERGE_BLOCK_N}-w{tune.MERGE_NUM_WARPS}", 4, _merge_job(),
+                tune.MERGE_NUM_WARPS, 1))
+    return out
+
+
+def _label(cfg) -> str:
+    k = cfg.kwargs
+    return f"N{k['BLOCK_N']}-V{k['BLOCK_V']}-H{k['BLOCK_H']}-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_CUOBJDUMP), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def compile_one(fn, types, consts, arch: int, num_warps: int, num_stages: int) -> dict:
+    sig, attrs = _signature(fn, types, consts)
+    src = ASTSource(fn, sig, consts, attrs)
+    t0 = time.perf_counter()
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    usage = _resource_usage(kernel.asm["cubin"])
+    return dict(registers=usage.get("reg", -1), local_bytes=usage.get("local", 0) + usage.get("stack", 0),
+                shared_bytes=kernel.metadata.shared + usage.get("shared", 0),
+                compile_s=round(time.perf_counter() - t0, 2))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--only", default="", help="compile only kernel/config/dtype labels containing this")
+    args = ap.parse_args(argv)
+
+    rows, failures = [], []
+    print(f"{'kernel':<15} {'config':<26} {'dtype':<5} {'sm':>3} {'regs':>5} {'local B':>8} "
+          f"{'shared B':>9} {'limit B':>8} {'compile s':>9}  status")
+    for name, label, width, (fn, types, consts), warps, stages in jobs():
+        if args.only not in f"{name} {label} {_DTYPE[width]}":
+            continue
+        for arch in args.arch:
+            try:
+                r = compile_one(fn, types, consts, arch, warps, stages)
+                problems = []
+                if r["local_bytes"] > 0:
+                    problems.append("spills/local memory")
+                if r["shared_bytes"] > SHARED_LIMIT[arch]:
+                    problems.append("shared memory over the limit")
+                status = "FAIL: " + ", ".join(problems) if problems else "ok"
+            except Exception as exc:  # a config that does not compile is a failure to report
+                r = dict(registers=-1, local_bytes=-1, shared_bytes=-1, compile_s=0.0)
+                status = f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            row = dict(kernel=name, config=label, dtype=_DTYPE[width], arch=arch, **r, status=status)
+            rows.append(row)
+            if status != "ok":
+                failures.append(row)
+            print(f"{name:<15} {label:<26} {row['dtype']:<5} {arch:>3} {r['registers']:>5} {r['local_bytes']:>8} "
+                  f"{r['shared_bytes']:>9} {SHARED_LIMIT[arch]:>8} {r['compile_s']:>9}  {status}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+    print(f"{len(rows)} compiles, {len(failures)} failing")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The Triton token-statistics kernels against the reference, through Triton's CPU interpreter.
+
+Truth is the materialising reference (`linear_logprobs_reference`) run in float64 on the same
+(possibly bf16-rounded) inputs. Tolerances, by input dtype:
+
+* fp32: the kernel sums H products per logit in another order than the BLAS and keeps online
+  statistics in fp32, so each output carries a few fp32 ulps of the logit scale. Values:
+  max |diff| <= 2e-5 * (1 + max |truth|); gradients: relative RMS <= 2e-5 (fp32 eps is 6e-8,
+  H <= 64 terms and V <= 300 columns add ~ sqrt(H V) eps).
+* bf16 / fp16: the fused error must stay within 2x the error of what PyTorch does in that
+  precision (bf16 matmul -> bf16 logits -> fp32 softmax, bf16 autograd), against the fp64
+  truth, plus a floor of 1e-6 for outputs PyTorch happens to get exact.
+
+The default tier keeps a few small cases (seconds); the full matrix of shapes is `slow`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import golden_cases, load_golden, rel_err, require_golden  # noqa: E402
+from vimpo_kernels import VIMPOConfig, _backends, _env, fused_linear_logprobs, vimpo_loss  # noqa: E402
+from vimpo_kernels.logprobs import token_stats_from_logits  # noqa: E402
+from vimpo_kernels.logprobs import triton_autotune as tune  # noqa: E402
+from vimpo_kernels.logprobs import triton_function as tf  # noqa: E402
+from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402
+from vimpo_kernels.logprobs.reference import linear_logprobs_reference  # noqa: E402
+
+FIELDS = ("logprobs", "lse", "ref_logprobs", "ref_lse", "kl", "entropy")
+DIFF_FIELDS = ("logprobs", "lse", "kl", "entropy")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter():
+    """Kernels built for the interpreter, and the api told so (another module may have imported
+    them, or the backend registry, before TRITON_INTERPRET was set)."""
+    if not tf._interpreted():
+        os.environ["TRITON_INTERPRET"] = "1"
+        importlib.reload(tk)
+    saved = _env.TRITON_INTERPRET
+    _env.TRITON_INTERPRET = True
+    _backends._triton_status.cache_clear()
+    yield
+    _env.TRITON_INTERPRET = saved
+    _backends._triton_status.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# problems and comparisons
+
+
+def make_problem(N, H, V, *, H_ref=None, dtype=torch.float32, bias=False, ref=True, scale=1.0, seed=0):
+    """Random policy/reference heads; `scale` multiplies the logits (huge or tiny logits)."""
+    g = torch.Generator().manual_seed(seed)
+    H_ref = H_ref or H
+    x = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (scale / H ** 0.5) * 2.0
+    p = dict(hidden=x, weight=w, targets=torch.randint(0, V, (N,), generator=g))
+    if bias:
+        p["bias"] = torch.randn(V, generator=g, dtype=torch.float64) * scale
+    if ref:
+        p["ref_hidden"] = x[:, :H_ref] + 0.3 * torch.randn(N, H_ref, generator=g, dtype=torch.float64)
+        p["ref_weight"] = w[:, :H_ref] * 0.9 + 0.3 * (scale / H_ref ** 0.5) * torch.randn(
+            V, H_ref, generator=g, dtype=torch.float64)
+        if bias:
+            p["ref_bias"] = torch.randn(V, generator=g, dtype=torch.float64) * scale
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in p.items()}
+
+
+def upstream_grads(N, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {f: torch.randn(N, generator=g, dtype=torch.float64) for f in DIFF_FIELDS}
+
+
+def run(stats_fn, p, temperature, grads, want_kl=True, want_entropy=True):
+    """Token stats and the gradients of sum_f <grads[f], stats.f> w.r.t. hidden, weight, bias."""
+    leaves = {k: p[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias") if k in p}
+    stats = stats_fn({**p, **leaves}, temperature, want_kl, want_entropy)
+    loss = sum((getattr(stats, f).double() * grads[f]).sum() for f in DIFF_FIELDS
+               if getattr(stats, f) is not None)
+    grad = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    return stats, grad
+
+
+def triton_fn(p, temperature, want_kl, want_entropy):
+    return tf.triton_linear_token_stats(p["hidden"], p["weight"], p["targets"], p.get("bias"), p.get("ref_hidden"),
+                                        p.get("ref_weight"), p.get("ref_bias"), temperature, want_kl, want_entropy)
+
+
+def reference_fn(dtype):
+    def fn(p, temperature, want_kl, want_entropy):
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in p.items()}
+        return linear_logprobs_reference(**cast, temperature=temperature, kl="exact" if want_kl else None,
+                                         return_entropy=want_entropy)
+    return fn
+
+
+def lowp_torch_fn(p, temperature, want_kl, want_entropy):
+    """What PyTorch does in the input precision: low-precision logits, fp32 softmax."""
+    logits = p["hidden"] @ p["weight"].T + (p["bias"] if "bias" in p else 0)
+    ref_logits = None
+    if "ref_weight" in p:
+        ref_logits = (p["ref_hidden"] @ p["ref_weight"].T + (p["ref_bias"] if "ref_bias" in p else 0)).detach()
+    return token_stats_from_logits(logits, p["targets"], ref_logits=ref_logits, temperature=temperature,
+                                   kl="exact" if want_kl else None, return_entropy=want_entropy)
+
+
+def truth_fn(p, temperature, want_kl, want_entropy):
+    return reference_fn(torch.float64)(p, temperature, want_kl, want_entropy)
+
+
+def rel_rms(got, want) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm().clamp(min=1e-300))
+
+
+def max_abs(got, want) -> float:
+    return float((got.detach().double() - want.detach().double()).abs().max()) if want.numel() else 0.0
+
+
+def check_against_truth(p, temperature, want_kl=True, want_entropy=True):
+    grads = upstream_grads(p["targets"].shape[0])
+    got, got_g = run(triton_fn, p, temperature, grads, want_kl, want_entropy)
+    want, want_g = run(truth_fn, p, temperature, grads, want_kl, want_entropy)
+    for f in FIELDS:
+        w = getattr(want, f)
+        if w is None:
+            assert getattr(got, f) is None, f"{f} returned but not asked for"
+            continue
+        assert getattr(got, f).dtype == torch.float32 and getattr(got, f).shape == w.shape, f
+    if p["hidden"].dtype == torch.float32:
+        for f in FIELDS:
+            w = getattr(want, f)
+            if w is not None:
+                tol = 2e-5 * (1 + float(w.abs().max()))
+                assert max_abs(getattr(got, f), w) <= tol, (f, max_abs(getattr(got, f), w), tol)
+        for k in want_g:
+            assert rel_rms(got_g[k], want_g[k]) <= 2e-5, (k, rel_rms(got_g[k], want_g[k]))
+    else:
+        low, low_g = run(lowp_torch_fn, p, temperature, grads, want_kl, want_entropy)
+        for f in FIELDS:
+            w = getattr(want, f)
+            if w is not None:
+                ours, torchs = max_abs(getattr(got, f), w), max_abs(getattr(low, f), w)
+                assert ours <= 2 * torchs + 1e-6, (f, ours, torchs)
+        for k in want_g:
+            ours, torchs = rel_rms(got_g[k], want_g[k]), rel_rms(low_g[k], want_g[k])
+            assert got_g[k].dtype == p[k].dtype
+            assert ours <= 2 * torchs + 1e-6, (k, ours, torchs)
+    return got
+
+
+# ----------------------------------------------------------------------------------------------
+# default tier: small, seconds
+
+
+def test_forward_and_grads_fp32_small():
+    """V=70 (not a multiple of BLOCK_V=32), H=24 (not a multiple of BLOCK_H=16), T != 1, bias."""
+    check_against_truth(make_problem(N=9, H=24, V=70, bias=True), temperature=0.7)
+
+
+def test_bf16_small_within_torch_error():
+    check_against_truth(make_problem(N=7, H=40, V=45, dtype=torch.bfloat16), temperature=1.0)
+
+
+def test_policy_only_no_reference():
+    """No reference: only logprobs/lse (and entropy) exist; gradients through both."""
+    check_against_truth(make_problem(N=5, H=20, V=50, ref=False), temperature=1.3, want_kl=False)
+
+
+def test_bad_dtypes_raise_before_any_kernel():
+    p = make_problem(N=3, H=16, V=20, dtype=torch.float64)
+    with pytest.raises(TypeError, match="hidden"):
+        triton_fn(p, 1.0, True, False)
+    p = make_problem(N=3, H=16, V=20)
+    p["weight"] = p["weight"].bfloat16()
+    with pytest.raises(TypeError, match="weight"):
+        triton_fn(p, 1.0, True, False)
+    p = make_problem(N=3, H=16, V=20)
+    p["ref_weight"] = p["ref_weight"].half()
+    with pytest.raises(TypeError, match="ref_weight"):
+        triton_fn(p, 1.0, True, False)
+
+
+def test_api_mask_packs_rows_and_zeroes_padding():
+    """Through `fused_linear_logprobs(backend="triton")`: masked rows cost nothing, get 0 and no
+    gradient; (B, T, H) shapes come back as (B, T)."""
+    B, T, H, V = 2, 5, 24, 40
+    p = make_problem(N=B * T, H=H, V=V)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    hidden = p["hidden"].reshape(B, T, H).clone().requires_grad_()
+    kw = dict(ref_hidden=p["ref_hidden"].reshape(B, T, H), ref_weight=p["ref_weight"], kl="exact",
+              return_entropy=True, mask=mask)
+    got = fused_linear_logprobs(hidden, p["weight"], p["targets"].reshape(B, T), backend="triton", **kw)
+    want = fused_linear_logprobs(p["hidden"].double().reshape(B, T, H), p["weight"].double(),
+                                 p["targets"].reshape(B, T), backend="torch",
+                                 **{**kw, "ref_hidden": kw["ref_hidden"].double(),
+                                    "ref_weight": kw["ref_weight"].double()})
+    for f in FIELDS:
+        assert getattr(got, f).shape == (B, T)
+        assert max_abs(getattr(got, f)[mask], getattr(want, f)[mask]) <= 1e-4, f
+        assert torch.all(getattr(got, f)[~mask] == 0), f
+    (got.logprobs.sum() + got.kl.sum()).backward()
+    assert torch.all(hidden.grad[~mask] == 0) and hidden.grad[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", golden_cases("vimpo"))
+def test_golden_through_kernel(case):
+    """weight = identity (H = V), hidden = the golden logits: the kernel reproduces log_prob,
+    ref_log_prob and the exact token_kl. fp32 kernel vs float64 golden: 1e-5 relative (max
+    |diff| / max |value|) for log-probs; the KL is a cancellation (a/s - log s + log s_ref) of
+    O(1) terms into O(0.1) values, so 1e-4. For exact-KL cases the VIMPO loss gradient reaches
+    the logits through the kernel's backward (including the non-detached KL of p4): 1e-4, the
+    fp32 epilogue's own rounding over whitening and means."""
+    require_golden()
+    z = load_golden("vimpo", case)
+    h = case["hyperparameters"]
+    cfg = VIMPOConfig.from_reference(h).replace(whiten_variance="unbiased")
+    B, T, V = z["policy_logits"].shape
+    eye = torch.eye(V, dtype=torch.float32)
+    mask = z["response_mask"].bool()
+    logits = z["policy_logits"].float().clone().requires_grad_()
+    stats = fused_linear_logprobs(logits, eye, z["responses"], ref_hidden=z["ref_logits"].float(), ref_weight=eye,
+                                  temperature=h["temperature"], kl="exact", backend="triton")
+    assert rel_err(stats.logprobs, z["log_prob"], mask) <= 1e-5
+    assert rel_err(stats.ref_logprobs, z["ref_log_prob"], mask) <= 1e-5
+    if h["kl_estimator"] != "exact":
+        return
+    assert rel_err(stats.kl, z["token_kl"], mask) <= 1e-4
+    loss, _ = vimpo_loss(stats.logprobs, stats.ref_logprobs, stats.kl, mask, z["seq_reward"].float(), z["uid"],
+                         old_logprobs=None if h["on_policy"] else z["old_log_prob"].float(), config=cfg,
+                         baseline=z["reward_baseline"].float())
+    loss.backward()
+    assert rel_err(logits.grad, z["grad_policy_logits_dp1"]) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# slow tier: the shapes that hurt
+
+
+SHAPES = {
+    # name: (N, H, V, H_ref)
+    "V300-not-block-multiple": (37, 40, 300, 40),
+    "V20-below-block": (5, 24, 20, 24),
+    "N1": (1, 33, 129, 33),
+    "H50-odd-Href19": (19, 50, 96, 19),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.6)], ids=["nobias-T1", "bias-T0.6"])
+def test_matrix_forward_and_grads(shape, dtype, bias, temperature):
+    N, H, V, H_ref = SHAPES[shape]
+    check_against_truth(make_problem(N, H, V, H_ref=H_ref, dtype=dtype, bias=bias), temperature)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("splits", [1, 3, 7], ids=["splits1", "splits3", "splits7-empty-tail"])
+def test_vocab_split_merge_is_exact(splits):
+    """The merge of split partials equals the single pass; 7 splits of V=300 in BLOCK_V=32
+    granules leave the last two splits empty (asserted, so the case cannot silently vanish)."""
+    p = make_problem(N=21, H=24, V=300, bias=True)
+    cfg = tune.INTERPRETER_FWD
+    granule = cfg.kwargs["BLOCK_V"]
+    per_split = -(-(-(-300 // granule)) // splits) * granule
+    empty = sum(1 for k in range(splits) if k * per_split >= 300)
+    assert (empty > 0) == (splits == 7)
+    args = [p.get(k) for k in ("hidden", "weight", "targets", "bias", "ref_hidden", "ref_weight", "ref_bias")]
+    got = tf.launch_forward(*args, 0.8, True, True, config=cfg, splits=splits)
+    want = truth_fn(p, 0.8, True, True)
+    for f, g in zip(FIELDS, got):
+        w = getattr(want, f)
+        assert max_abs(g, w) <= 2e-5 * (1 + float(w.abs().max())), f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [1e3, 1e-4], ids=["huge-logits-1e3", "tiny-logits-1e-4"])
+def test_extreme_logit_scales(scale):
+    """Huge logits: fp32 rounds each logit to ~scale * 6e-8, so values are held to 2e-5 of the
+    logit scale (the KL is relative to the running maxima, no O(scale) cancellation beyond
+    that). Tiny logits: near-uniform rows, KL ~ 1e-9; held to an absolute 1e-6."""
+    p = make_problem(N=13, H=24, V=75, bias=True, scale=scale)
+    grads = upstream_grads(13)
+    got, got_g = run(triton_fn, p, 1.0, grads)
+    want, want_g = run(truth_fn, p, 1.0, grads)
+    logit_scale = max(scale, 1.0)
+    for f in FIELDS:
+        assert torch.isfinite(getattr(got, f)).all(), f
+        assert max_abs(getattr(got, f), getattr(want, f)) <= 2e-5 * logit_scale + 1e-6, f
+    assert bool((got.kl > -1e-6 * logit_scale).all())
+    for k in want_g:
+        assert rel_rms(got_g[k], want_g[k]) <= 1e-4, k
+
+
+@pytest.mark.slow
+def test_detached_kl_and_unused_outputs_get_no_gradient_work():
+    """Only logprobs carries gradient: equals the reference gradient of logprobs alone."""
+    p = make_problem(N=11, H=24, V=90)
+    grads = {f: (g if f == "logprobs" else torch.zeros_like(g)) for f, g in upstream_grads(11).items()}
+    leaves = {k: p[k].clone().requires_grad_() for k in ("hidden", "weight")}
+    stats = triton_fn({**p, **leaves}, 1.0, True, True)
+    (stats.logprobs.double() * grads["logprobs"]).sum().backward()
+    _, want_g = run(truth_fn, p, 1.0, grads)
+    for k, leaf in leaves.items():
+        assert rel_rms(leaf.grad, want_g[k]) <= 2e-5, k
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_no_graph_break():
+    """The custom op is opaque to dynamo: fullgraph=True would raise on a graph break. Forward
+    and backward through the compiled graph equal eager."""
+    p = make_problem(N=6, H=16, V=40)
+
+    def f(hidden, weight):
+        s = tf.triton_linear_token_stats(hidden, weight, p["targets"], None, p["ref_hidden"], p["ref_weight"], None,
+                                         0.9, True, True)
+        return (s.logprobs + 0.5 * s.kl + 0.1 * s.entropy).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    hx, wx = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    he, we = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    compiled(hx, wx).backward()
+    f(he, we).backward()
+    assert torch.allclose(hx.grad, he.grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(wx.grad, we.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_opcheck_fake_and_autograd_registration():
+    p = make_problem(N=4, H=16, V=20)
+    args = (p["hidden"].requires_grad_(), p["weight"], p["targets"], None, p["ref_hidden"], p["ref_weight"], None,
+            1.0, True, True)
+    torch.library.opcheck(torch.ops.vimpo.triton_token_stats.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_empty_rows():
+    """N = 0 (a fully masked micro-batch after packing): empty outputs, no launch."""
+    p = make_problem(N=0, H=16, V=20)
+    s = triton_fn(p, 1.0, True, True)
+    assert all(getattr(s, f).shape == (0,) for f in FIELDS)
