@@ -4,6 +4,8 @@ Timing: after `warmup` untimed forward+backward runs, each of `reps` runs times 
 (up to the scalar loss) and the whole forward+backward with `time.perf_counter` (CUDA is
 synchronised at each boundary). Gradients are set to None before every run, as a training
 step does, so every run allocates its gradient buffers. The median and the min/max are kept.
+With a per-point budget (the quick preset), a contender whose warm-up run shows that `reps`
+runs would exceed it gets fewer timed runs (at least one); the row records how many.
 
 Peak extra memory, CPU: peak resident set size (Linux VmHWM, reset through
 /proc/self/clear_refs) minus the RSS just before the run, with the inputs already resident.
@@ -174,7 +176,7 @@ def truth_path(truth_dir: str, point: Point) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def time_contenders(tasks: list[dict], reps: int, warmup: int, truth_dir: Optional[str], memory: bool,
-                    on_update=None) -> dict[str, list[dict]]:
+                    on_update=None, point_budget_s: Optional[float] = None) -> dict[str, list[dict]]:
     """{"<op>/<contender>": rows} for tasks [{"op", "contender", "points"}]: the timing and
     correctness of every task first, then the memory runs of every task (see the module doc)."""
     from .contenders import get
@@ -184,7 +186,7 @@ def time_contenders(tasks: list[dict], reps: int, warmup: int, truth_dir: Option
         points = [Point(**p) for p in task["points"]]
         rows = results.setdefault(f"{task['op']}/{task['contender']}", [])
         for point in points:
-            rows.append(_time_point(contender, point, reps, warmup, truth_dir))
+            rows.append(_time_point(contender, point, reps, warmup, truth_dir, point_budget_s))
             todo.append((contender, point, rows[-1]))
             if on_update:
                 on_update(results)
@@ -201,7 +203,8 @@ def time_contenders(tasks: list[dict], reps: int, warmup: int, truth_dir: Option
     return results
 
 
-def _time_point(contender, point: Point, reps: int, warmup: int, truth_dir: Optional[str]) -> dict:
+def _time_point(contender, point: Point, reps: int, warmup: int, truth_dir: Optional[str],
+                point_budget_s: Optional[float] = None) -> dict:
     row = {"point": point.to_dict(), "status": "ok", "why": ""}
     ok, why = contender.available(point)
     if not ok:
@@ -213,13 +216,17 @@ def _time_point(contender, point: Point, reps: int, warmup: int, truth_dir: Opti
         timed = contender.timed(point)
         n_warm, n_reps = (warmup, reps) if timed else (0, 1)
         t_fwd, t_all = [], []
-        for i in range(n_warm + n_reps):
+        for _ in range(n_warm):
+            _, t_warm, *_ = run_once(prob, forward, device)
+            if point_budget_s and t_warm * n_reps > point_budget_s:
+                # A slow contender gets fewer timed runs (at least one), not a longer run.
+                n_reps = max(1, int(point_budget_s // t_warm))
+        for _ in range(n_reps):
             tf, ta, loss, token_out, _, _ = run_once(prob, forward, device)
-            if i >= n_warm:
-                t_fwd.append(tf)
-                t_all.append(ta)
+            t_fwd.append(tf)
+            t_all.append(ta)
         if timed:
-            row.update(fwd=summarize(t_fwd), fwdbwd=summarize(t_all))
+            row.update(fwd=summarize(t_fwd), fwdbwd=summarize(t_all), reps=len(t_all))
         else:
             row.update(status="correctness-only", why=why)
         if truth_dir is not None:
@@ -279,7 +286,7 @@ def run_job(job: dict, result_path: Optional[str] = None):
         result = time_floors(points, job["reps"], job["warmup"])
     elif job["kind"] == "contenders":
         result = time_contenders(job["tasks"], job["reps"], job["warmup"], job.get("truth_dir"),
-                                 job.get("memory", True), on_update=write)
+                                 job.get("memory", True), on_update=write, point_budget_s=job.get("point_budget_s"))
     else:
         raise ValueError(f"unknown job kind {job['kind']!r}")
     write(result)

@@ -137,7 +137,9 @@ def markdown(results: dict) -> str:
              f"- load average (1/5/15 min): start {_load(run['load_start'])}, end {_load(run.get('load_end'))}",
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
              f"- timing: median of {run['reps']} forward+backward runs after {run['warmup']} warm-up "
-             "(min–max in brackets); `fwd` is the forward part of the same runs",
+             "(min–max in brackets" + (f"; n = runs where a contender slower than the {run['point_budget_s']:g} s "
+                                        "per-point budget got fewer" if run.get("point_budget_s") else "")
+             + "); `fwd` is the forward part of the same runs",
              "- floor: the unavoidable GEMMs timed with `torch.mm` in this run (vimpo: policy + reference "
              "forward, d_hidden, d_weight; dapo and logprobs: forward, d_hidden, d_weight); `x floor` = "
              "time / floor",
@@ -198,7 +200,9 @@ def _row_line(r: dict, cuda: bool) -> str:
     cells = [str(r["N"]), str(r["H"]), str(r["V"]), r["dtype"], name]
     if "fwdbwd" in r:
         f, a = r["fwd"], r["fwdbwd"]
-        cells += [_s(f["median_s"]), f"{_s(a['median_s'])} [{_s(a['min_s'])}–{_s(a['max_s'])}]",
+        n = len(a.get("samples_s", []))
+        runs = f" n={n}" if n and n != r.get("reps_planned", n) else ""
+        cells += [_s(f["median_s"]), f"{_s(a['median_s'])} [{_s(a['min_s'])}–{_s(a['max_s'])}]{runs}",
                   _x(r.get("x_floor_fwdbwd")), _x(r.get("x_baseline_fwdbwd")), _mb(r.get("peak_fwdbwd_bytes")),
                   _x(r.get("x_baseline_mem")), _s(r["useful_tflops_fwdbwd"] * 1e3)]
         if cuda:

@@ -42,6 +42,13 @@ BF16_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, 
                    "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
+PRESET_SKIP_WHY = {
+    "ours:torch": "the materializing reference behind our API, the baseline's twin",
+    "ours:triton": "the Triton interpreter on CPU, correctness only (run with --contenders ours:triton)",
+    "torch:lce": "~10-30x the GEMM floor on this CPU, minutes per point (run with --contenders torch:lce)",
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -57,6 +64,8 @@ class Preset:
     description: str = ""
     skip: tuple[str, ...] = ()
     """Contenders this preset leaves out (unless named with --contenders)."""
+    point_budget_s: Optional[float] = None
+    """Timed seconds per (contender, point); a slower contender gets fewer timed runs (>= 1)."""
 
     def points(self, op: str, device: str) -> list[Point]:
         timed = [Point(op, n, h, v, dt, device) for dt, h, v, n in itertools.product(self.dtypes, self.Hs, self.Vs, self.Ns)]
@@ -70,12 +79,13 @@ PRESETS = {
     # `ours:torch` is the materializing reference behind our API (the baseline's twin) and
     # `ours:triton` on CPU is the interpreter (correctness only, ~1 min of start-up): both are
     # left to the other presets so that this one stays under 3 minutes on 2 idle cores.
-    "quick": Preset("quick", Ns=(256, 512), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=2, warmup=1,
-                    skip=("ours:torch", "ours:triton"),
-                    description="< 3 min on 2 idle CPU cores: N=256,512 at H=1024, V=32768, fp32"),
-    "accept": Preset("accept", Ns=(4096,), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
-                     skip=("ours:torch", "ours:triton"),
-                     description="the acceptance point of issue 7: N=4096, H=1024, V=32768, fp32"),
+    "quick": Preset("quick", Ns=(128, 256), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=3, warmup=1,
+                    skip=("ours:torch", "ours:triton", "torch:lce"), point_budget_s=3.0,
+                    description="< 3 min on 2 idle CPU cores: N=128,256 at H=1024, V=32768, fp32"),
+    # The two ops with acceptance targets; ~10 min on 2 idle cores (24 s per materializing run).
+    "accept": Preset("accept", Ns=(4096,), Hs=(1024,), Vs=(32768,), dtypes=("fp32",), reps=2, warmup=1,
+                     ops=("vimpo", "dapo"), skip=("ours:torch", "ours:triton"),
+                     description="the acceptance point of issue 7: N=4096, H=1024, V=32768, fp32, vimpo and dapo"),
     "full": Preset("full", Ns=(512, 1024, 2048, 4096, 8192, 16384), Hs=(1024, 2048), Vs=(32768, 151936),
                    dtypes=("fp32", "bf16"), reps=5, warmup=1, check_points=((96, 72, 1000),),
                    description="the whole sweep (hours on a small CPU; meant for a GPU or a big host)"),
@@ -226,6 +236,7 @@ def _plan(settings: Settings, op: str):
         names = [n for n in found if n not in settings.preset.skip]
     else:
         names = [n for n in found if n in settings.only or n == BASELINE]
+    left_out = [n for n in found if n not in names and n in settings.preset.skip]
     points = settings.preset.points(op, settings.device)
     free = _available_memory()
     plan = []
@@ -240,6 +251,9 @@ def _plan(settings: Settings, op: str):
                 status = "unavailable" if why.startswith("unavailable") else "skipped"
                 skipped.append({"point": p.to_dict(), "status": status, "why": why.split(": ", 1)[1]})
         plan.append((c, runnable, skipped))
+    for name in left_out:
+        why = f"left out of the {settings.preset.name} preset: {PRESET_SKIP_WHY.get(name, 'see --contenders')}"
+        plan.append((found[name], [], [{"point": p.to_dict(), "status": "unavailable", "why": why} for p in points]))
     return plan
 
 
@@ -257,6 +271,7 @@ def run(settings: Settings) -> dict:
     meta = {"id": run_id, "preset": settings.preset.name, "preset_description": settings.preset.description,
             "command": settings.command, "started": started.isoformat(timespec="seconds"),
             "reps": settings.preset.reps, "warmup": settings.preset.warmup, "device": settings.device,
+            "point_budget_s": settings.preset.point_budget_s,
             "isolation": settings.isolation, "load_start": list(os.getloadavg()),
             "machine": machine_info(settings.device), "versions": versions(), "git": git_revision()}
     try:
@@ -298,6 +313,7 @@ def _run_all(settings: Settings, workdir: str) -> list[dict]:
             if points:
                 by_env.setdefault(tuple(sorted(contender.env.items())), []).append((op, contender, points))
     common = {"reps": settings.preset.reps, "warmup": settings.preset.warmup,
+              "point_budget_s": settings.preset.point_budget_s,
               "truth_dir": truth_dir if truth_ok else None, "memory": settings.memory}
     for op, contender, points in by_env.pop((), []):
         _log(settings, f"[{op}] {contender.name} on {len(points)} point(s)")
@@ -307,6 +323,8 @@ def _run_all(settings: Settings, workdir: str) -> list[dict]:
         # interpreter per environment: its start-up dominates their (tiny, correctness-only) runs.
         _log(settings, f"{', '.join(f'[{op}] {c.name}' for op, c, _ in group)} in one process with {dict(env)}")
         rows += _run_tasks(group, common, settings, workdir, floors)
+    for r in rows:
+        r["reps_planned"] = settings.preset.reps
     _add_baseline_ratios(rows)
     return rows
 
@@ -453,7 +471,7 @@ def build_parser(prog: str = "python -m bench", ops: tuple[str, ...] = OPS):
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="default: quick")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default: {DEFAULT_OUT})")
     if len(ops) > 1:
-        p.add_argument("--ops", default=",".join(ops), help=f"comma-separated subset of {','.join(ops)}")
+        p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(ops)} (default: the preset's)")
     p.add_argument("--contenders", default=None, help="comma-separated contender names (baseline always kept)")
     p.add_argument("--N", default=None, help="override the preset's token counts, e.g. 512,1024")
     p.add_argument("--H", default=None, help="override hidden sizes")
@@ -488,6 +506,8 @@ def settings_from_args(args, ops: tuple[str, ...], command: str) -> Settings:
         changes["reps"] = args.reps
     if changes:
         preset = replace(preset, **changes)
+    if len(ops) > 1:
+        ops = preset.ops
     if getattr(args, "ops", None):
         ops = tuple(x.strip() for x in args.ops.split(",") if x.strip())
         bad = [o for o in ops if o not in OPS]
