@@ -11,8 +11,10 @@ import sys
 
 
 def main(argv=None) -> int:
-    from .problems import OPS
-    from .runner import build_parser, run, settings_from_args
+    # Absolute imports: `vimpo bench` loads this file by path, outside the `bench` package
+    # (with the repository root on sys.path).
+    from bench.problems import OPS
+    from bench.runner import build_parser, run, settings_from_args
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
