@@ -36,13 +36,13 @@ template <class T>
 RowPasses<T> row_passes_for(const Tensor& like) {
   if (like.is_cuda()) {
 #ifdef VIMPO_WITH_CUDA
-    return {cuda::forward_rows<T>, cuda::backward_rows<T>, cuda::grpo_rows<T>};
+    return {false, cuda::forward_rows<T>, cuda::backward_rows<T>, cuda::grpo_rows<T>};
 #else
     TORCH_CHECK(false, "vimpo_kernels._C was built without CUDA; rebuild with VIMPO_BUILD_CUDA=1");
 #endif
   }
   TORCH_CHECK(like.is_cpu(), "vimpo_kernels._C: tensors must be on CPU or CUDA, got ", like.device());
-  return {cpu::forward_rows<T>, cpu::backward_rows<T>, cpu::grpo_rows<T>};
+  return {true, cpu::forward_rows<T>, cpu::backward_rows<T>, cpu::grpo_rows<T>};
 }
 
 at::ScalarType compute_dtype(const Tensor& hidden) {
@@ -90,14 +90,23 @@ struct Head {
 
   Tensor rows(int64_t r0, int64_t n, at::ScalarType dt) const { return hidden.narrow(0, r0, n).to(dt); }
 
-  // out (n, V) <- rows @ W^T + b
-  void logits_into(Tensor& out, const Tensor& rows) const {
-    at::mm_out(out, rows, weight.t());
-    if (bias.defined()) out.add_(bias);
+  // out <- logits of `rows`: (V, n) = W rows^T + b when vocab-major, else (n, V) = rows W^T + b
+  void logits_into(Tensor& out, const Tensor& rows, bool vocab_major) const {
+    if (vocab_major) {
+      at::mm_out(out, weight, rows.t());
+      if (bias.defined()) out.add_(bias.unsqueeze(1));
+    } else {
+      at::mm_out(out, rows, weight.t());
+      if (bias.defined()) out.add_(bias);
+    }
   }
 };
 
-Tensor chunk_of(const Tensor& t, int64_t r0, int64_t n) { return t.defined() ? t.narrow(0, r0, n) : t; }
+// A contiguous view of the first n rows' worth of a reused chunk buffer, in the passes' layout.
+Tensor chunk_view(const Tensor& buf, int64_t n, int64_t vocab, bool vocab_major) {
+  Tensor flat = buf.narrow(0, 0, n * vocab);
+  return vocab_major ? flat.view({vocab, n}) : flat.view({n, vocab});
+}
 
 // Gradient accumulators of the chunk loop's backward GEMMs.
 struct HeadGrads {
@@ -110,14 +119,16 @@ struct HeadGrads {
     if (need_db) d_bias = at::zeros({head.weight.size(0)}, opts);
   }
 
-  // dlogits (n, V) of rows [r0, r0 + n) -> d_hidden rows, += d_weight, += d_bias
-  void accumulate(const Tensor& dlogits, const Tensor& rows, const Head& head, int64_t r0) {
+  // dlogits of rows [r0, r0 + n) ((V, n) when vocab-major, else (n, V)) -> d_hidden rows,
+  // += d_weight, += d_bias
+  void accumulate(const Tensor& dlogits, const Tensor& rows, const Head& head, int64_t r0, bool vocab_major) {
+    const Tensor d = vocab_major ? dlogits : dlogits.t();  // (V, n) view either way
     if (d_hidden.defined()) {
-      Tensor out = d_hidden.narrow(0, r0, dlogits.size(0));
-      at::mm_out(out, dlogits, head.weight);
+      Tensor out = d_hidden.narrow(0, r0, rows.size(0));
+      at::mm_out(out, d.t(), head.weight);
     }
-    if (d_weight.defined()) d_weight.addmm_(dlogits.t(), rows);
-    if (d_bias.defined()) d_bias.add_(dlogits.sum(0));
+    if (d_weight.defined()) d_weight.addmm_(d, rows);
+    if (d_bias.defined()) d_bias.add_(d.sum(1));
   }
 
   std::vector<Tensor> finish(const Tensor& hidden_like, const Tensor& weight_like, const Tensor& bias_like) const {
@@ -149,16 +160,17 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
   if (want_entropy) entropy = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(chunk, N, V, logp);
-  Tensor buf = at::empty({C, V}, opts);
-  Tensor ref_buf = has_ref ? at::empty({C, V}, opts) : Tensor();
+  Tensor buf = at::empty({C * V}, opts);
+  Tensor ref_buf = has_ref ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
-    Tensor z = buf.narrow(0, 0, n), zr;
-    head.logits_into(z, head.rows(r0, n, dt));
+    const bool vm = passes.vocab_major;
+    Tensor z = chunk_view(buf, n, V, vm), zr;
+    head.logits_into(z, head.rows(r0, n, dt), vm);
     if (has_ref) {
-      zr = ref_buf.narrow(0, 0, n);
-      ref_head->logits_into(zr, ref_head->rows(r0, n, dt));
+      zr = chunk_view(ref_buf, n, V, vm);
+      ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
     }
     ForwardRows<T> a{z.const_data_ptr<T>(), has_ref ? zr.const_data_ptr<T>() : nullptr,
                      tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
@@ -188,20 +200,21 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
   const auto opts = lse.options();
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(chunk, N, V, lse);
-  Tensor buf = at::empty({C, V}, opts);
-  Tensor ref_buf = with_ref ? at::empty({C, V}, opts) : Tensor();
+  Tensor buf = at::empty({C * V}, opts);
+  Tensor ref_buf = with_ref ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
   const Tensor g_logp = c(grad_logp), g_kl = c(grad_kl), g_ent = c(grad_entropy);
   const Tensor lse_c = c(lse), ref_lse_c = c(ref_lse), kl_c = c(kl), ent_c = c(entropy);
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
-    Tensor z = buf.narrow(0, 0, n), zr;
+    const bool vm = passes.vocab_major;
+    Tensor z = chunk_view(buf, n, V, vm), zr;
     const Tensor rows = head.rows(r0, n, dt);
-    head.logits_into(z, rows);
+    head.logits_into(z, rows, vm);
     if (with_ref) {
-      zr = ref_buf.narrow(0, 0, n);
-      ref_head->logits_into(zr, ref_head->rows(r0, n, dt));
+      zr = chunk_view(ref_buf, n, V, vm);
+      ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
     }
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
@@ -209,7 +222,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                       at_r0(lse_c), with_ref ? at_r0(ref_lse_c) : nullptr, with_ref ? at_r0(kl_c) : nullptr,
                       at_r0(ent_c), at_r0(g_logp), at_r0(g_kl), g_ent.defined() ? at_r0(g_ent) : nullptr};
     passes.backward(a);
-    grads.accumulate(z, rows, head, r0);
+    grads.accumulate(z, rows, head, r0, vm);
   }
   return grads.finish(hidden, weight, bias);
 }
@@ -227,21 +240,22 @@ std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const 
   Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts), dlogp = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(chunk, N, V, logp);
-  Tensor buf = at::empty({C, V}, opts);
+  Tensor buf = at::empty({C * V}, opts);
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
   const Tensor old_c = c(old_logp), adv_c = c(adv), agg_c = c(agg_w), isw_c = c(is_w), ref_c = c(ref_logp);
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
-    Tensor z = buf.narrow(0, 0, n);
+    const bool vm = passes.vocab_major;
+    Tensor z = chunk_view(buf, n, V, vm);
     const Tensor rows = head.rows(r0, n, dt);
-    head.logits_into(z, rows);
+    head.logits_into(z, rows, vm);
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
                   at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), prm,
                   logp.data_ptr<T>() + r0, lse.data_ptr<T>() + r0, dlogp.data_ptr<T>() + r0};
     passes.grpo(a);
-    grads.accumulate(z, rows, head, r0);
+    grads.accumulate(z, rows, head, r0, vm);
   }
   std::vector<Tensor> out = {logp, lse, dlogp};
   for (auto& g : grads.finish(hidden, weight, bias)) out.push_back(g);

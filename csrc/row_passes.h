@@ -4,8 +4,12 @@
 // ATen GEMM into a reused (rows, V) buffer and hands it to one of these passes; the CPU
 // implementation (logprobs_cpu.cpp, OpenMP through ATen's parallel_for) and the CUDA one
 // (cuda/logprobs_cuda.cu, one block per row) share the element math of token_math.h.
-// Buffers are contiguous (rows, V); per-token arrays are already offset to the chunk's first
-// row; a null pointer means "not wanted" (outputs) or "zero" (gradients).
+// Layout of a logits buffer is the passes' choice (`RowPasses::vocab_major`): the CPU passes take
+// it vocab-major, (V, rows) contiguous, because MKL computes W h^T for a small chunk of rows
+// markedly faster than h W^T (measured ~1.6x at 128 rows, H = 1024, V = 32768), and the row
+// pass then vectorizes across 16 rows; the CUDA passes take it row-major, (rows, V), so a
+// block sweeps one row with coalesced loads. Per-token arrays are already offset to the
+// chunk's first row; a null pointer means "not wanted" (outputs) or "zero" (gradients).
 #pragma once
 
 #include <cstdint>
@@ -68,6 +72,7 @@ struct GrpoRows {
 
 template <class T>
 struct RowPasses {
+  bool vocab_major;
   void (*forward)(const ForwardRows<T>&);
   void (*backward)(const BackwardRows<T>&);
   void (*grpo)(const GrpoRows<T>&);

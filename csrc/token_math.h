@@ -65,6 +65,34 @@ VIMPO_HD T row_entropy(T z_sum, T zx_sum) { return log(z_sum) - zx_sum / z_sum; 
 template <class T>
 VIMPO_HD T row_kl(T z_sum, T zk_sum, T zr_sum) { return zk_sum / z_sum - log(z_sum) + log(zr_sum); }
 
+// ---- online merge of partial row sums ------------------------------------------------------
+// Sums over a part of the vocabulary, each relative to that part's own maxima m (policy) and
+// mr (reference). Merging rescales by exp(old max - new max); the shifted sums also move by
+// the max difference: sum e (x + dm) = zx + z dm. A part with z = 0 is empty (its max may be
+// -inf, so it must not enter the arithmetic). Without a reference, mr/zr/zk are unused.
+template <class T>
+struct RowSums {
+  T m, z, zx, mr, zr, zk;
+};
+
+template <class T>
+VIMPO_HD T rescaled(T scale, T sum, T z, T dm) { return scale == T(0) ? T(0) : scale * (sum + z * dm); }
+
+template <class T>
+VIMPO_HD RowSums<T> merge_row_sums(const RowSums<T>& a, const RowSums<T>& b) {
+  if (a.z == T(0)) return b;
+  if (b.z == T(0)) return a;
+  RowSums<T> o;
+  o.m = a.m > b.m ? a.m : b.m;
+  o.mr = a.mr > b.mr ? a.mr : b.mr;
+  const T sa = exp(a.m - o.m), sb = exp(b.m - o.m);
+  o.z = a.z * sa + b.z * sb;
+  o.zx = rescaled(sa, a.zx, a.z, a.m - o.m) + rescaled(sb, b.zx, b.z, b.m - o.m);
+  o.zr = a.zr * exp(a.mr - o.mr) + b.zr * exp(b.mr - o.mr);
+  o.zk = rescaled(sa, a.zk, a.z, (a.m - o.m) - (a.mr - o.mr)) + rescaled(sb, b.zk, b.z, (b.m - o.m) - (b.mr - o.mr));
+  return o;
+}
+
 // ---- backward: d loss / d tempered logit of one vocabulary entry --------------------------
 // With p_j = exp(logp_j), logq_j the reference log-prob, k = KL(p||q), H = entropy:
 //   d logp_y / d l_j = 1[j=y] - p_j
