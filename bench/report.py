@@ -141,8 +141,8 @@ def markdown(results: dict) -> str:
                                         "per-point budget got fewer" if run.get("point_budget_s") else "")
              + "); `fwd` is the forward part of the same runs",
              "- floor: the unavoidable GEMMs timed with `torch.mm` in this run (vimpo: policy + reference "
-             "forward, d_hidden, d_weight; dapo and logprobs: forward, d_hidden, d_weight); `x floor` = "
-             "time / floor",
+             "forward, d_hidden, d_weight; dapo and logprobs: forward, d_hidden, d_weight), the faster of "
+             "two measurements (before and after the contenders); `x floor` = time / floor",
              "- memory: " + _memory_note(rows),
              "- error: max normwise relative error over loss, per-token output and both gradients, "
              "against a float64 recomputation of the reference", ""]
