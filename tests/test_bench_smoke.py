@@ -175,3 +175,33 @@ def test_cli_rejects_unknown_op_before_running(capsys):
     from bench.__main__ import main
     assert main(["--ops", "vimpo,nope", "--out", "/nonexistent"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def _row(op, contender, t, mem, floor, **point):
+    where = {"N": 4096, "H": 1024, "V": 32768, "dtype": "fp32", "device": "cpu", **point}
+    return {"op": op, "contender": contender, "status": "ok", "fwdbwd": {"median_s": t}, "peak_fwdbwd_bytes": mem,
+            "x_floor_fwdbwd": t / floor, **where}
+
+
+@pytest.mark.parametrize("cpu_time, cpu_mem, passed", [
+    (20.0, 0.04 * 3.5e9, True),     # within every target
+    (20.0, 0.06 * 3.5e9, False),    # memory above 5 % of the baseline
+    (25.0, 0.04 * 3.5e9, False),    # slower than the baseline (and > 1.35x the floor)
+])
+def test_acceptance_checks_of_issue_7(cpu_time, cpu_mem, passed):
+    from bench.report import acceptance_checks
+    rows = [_row("vimpo", "materialize", 24.0, 3.5e9, 17.2), _row("vimpo", "ours:cpu", cpu_time, cpu_mem, 17.2)]
+    rows[1]["x_baseline_fwdbwd"] = cpu_time / 24.0
+    rows[1]["x_baseline_mem"] = cpu_mem / 3.5e9
+    targets = [c for c in acceptance_checks(rows) if c["kind"] == "target"]
+    assert len(targets) == 3
+    assert all(c["passed"] for c in targets) == passed
+
+
+def test_dapo_check_needs_1_25x_at_the_acceptance_point_and_faster_elsewhere():
+    from bench.report import acceptance_checks
+    rows = [_row("dapo", "liger", 18.7, 232e6, 12.9), _row("dapo", "ours:cpu", 16.0, 200e6, 12.9),
+            _row("dapo", "liger", 2.0, 100e6, 1.5, N=512), _row("dapo", "ours:cpu", 1.9, 90e6, 1.5, N=512)]
+    speed = {c["what"]: c["passed"] for c in acceptance_checks(rows) if "speed-up" in c["what"]}
+    assert speed == {"dapo speed-up of ours:cpu over liger, N=4096 H=1024 V=32768 fp32": False,  # 1.17x < 1.25x
+                     "dapo speed-up of ours:cpu over liger, N=512 H=1024 V=32768 fp32": True}
