@@ -265,7 +265,8 @@ def bwd_kernel(
     if HAS_G_KL:  # both GEMMs before any elementwise tile, as in the forward
         r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
                         HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    # Rows past N get lse = inf: p = 0 there without overflowing exp.
+    lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
     logp = l - lse[:, None]
     p = tl.where(valid, tl.exp(logp), 0.0)
 
