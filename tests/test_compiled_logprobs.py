@@ -1,0 +1,193 @@
+"""The compiled chunked token statistics (backend "cpu", vimpo_kernels._C) against the
+materialising reference: values and gradients w.r.t. hidden, weight and bias.
+
+Tolerances (relative: max |diff| / max |reference|):
+* fp64: 1e-12. The kernels accumulate fp64 throughout; differences are summation order only
+  (~1e-15 measured).
+* fp32 against an fp64 truth: 2e-5. Inputs are rounded to fp32 and the GEMM, the exp
+  polynomial (~1e-7 relative) and the per-block fp32 sums add a few ulp times sqrt(H), sqrt(V);
+  a wrong term of any formula is O(1).
+* bf16/fp16: the compiled kernel must be within 2x (plus a 1e-6 floor) of the error that
+  torch's own reference shows on the same low-precision inputs against the fp32 truth on the
+  fp32-upcast inputs (the flash-attention/CCE criterion).
+"""
+
+import pytest
+import torch
+
+from vimpo_kernels import _env, fused_linear_logprobs
+from vimpo_kernels.logprobs import linear_logprobs_reference
+from vimpo_kernels.logprobs.compiled_function import compiled_linear_token_stats
+
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+# (N, H, V): N = 1; H not a power of 2; V not a multiple of the 256-entry vocabulary block
+# and N not a multiple of the 16-row SIMD group; one shape larger than a block.
+SHAPES = [(1, 8, 5), (37, 24, 301), (50, 33, 1000)]
+
+
+def _rel(got, want):
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-300))
+
+
+def _problem(N, H, V, dtype, seed=0, bias=True, ref="both"):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    hidden, weight = mk(N, H), mk(V, H) * 0.4
+    p = {"hidden": hidden, "weight": weight, "targets": torch.randint(0, V, (N,), generator=g),
+         "bias": mk(V) if bias else None, "ref_hidden": None, "ref_weight": None, "ref_bias": None}
+    if ref in ("both", "hidden"):
+        p["ref_hidden"] = hidden + 0.3 * mk(N, H)
+    if ref in ("both", "weight"):
+        p["ref_weight"] = weight + 0.1 * mk(V, H)
+        p["ref_bias"] = mk(V) if bias else None
+        if p["ref_hidden"] is None:
+            p["ref_hidden"] = hidden.clone()
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+
+
+def _stats_and_grads(fn, p, temperature, want_kl, want_entropy, seed=1):
+    leaves = {k: p[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias") if p[k] is not None}
+    args = {**p, **leaves}
+    stats = fn(args, temperature, want_kl, want_entropy)
+    # A random weighting of every differentiable output exercises each backward term.
+    g = torch.Generator().manual_seed(seed)
+    outs = [stats.logprobs] + ([stats.kl] if want_kl else []) + ([stats.entropy] if want_entropy else [])
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    loss.backward()
+    return stats, {k: v.grad for k, v in leaves.items()}
+
+
+def _compiled(a, temperature, want_kl, want_entropy):
+    return compiled_linear_token_stats(a["hidden"], a["weight"], a["targets"], a["bias"], a["ref_hidden"],
+                                       a["ref_weight"], a["ref_bias"], temperature, want_kl, want_entropy)
+
+
+def _reference(a, temperature, want_kl, want_entropy):
+    # The reference model is never differentiated, also when it shares the policy's head.
+    ref_weight = a["ref_weight"] if a["ref_weight"] is not None or a["ref_hidden"] is None else a["weight"].detach()
+    return linear_logprobs_reference(a["hidden"], a["weight"], a["targets"], bias=a["bias"],
+                                     ref_hidden=a["ref_hidden"], ref_weight=ref_weight, ref_bias=a["ref_bias"],
+                                     temperature=temperature, kl="exact" if want_kl else None,
+                                     return_entropy=want_entropy)
+
+
+def _compare(p_test, p_truth, temperature, want_kl, want_entropy):
+    s_got, g_got = _stats_and_grads(_compiled, p_test, temperature, want_kl, want_entropy)
+    s_want, g_want = _stats_and_grads(_reference, p_truth, temperature, want_kl, want_entropy)
+    errs = {f: _rel(getattr(s_got, f), getattr(s_want, f))
+            for f in ("logprobs", "lse", "ref_logprobs", "ref_lse", "kl", "entropy") if getattr(s_want, f) is not None}
+    errs.update({f"d_{k}": _rel(g_got[k], g_want[k]) for k in g_want})
+    return errs
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 7], ids=["chunk-auto", "chunk-7"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"N{n}-H{h}-V{v}" for n, h, v in SHAPES])
+def test_token_stats_and_grads_match_reference(shape, dtype, chunk_rows, monkeypatch):
+    monkeypatch.setattr(_env, "CHUNK_ROWS", chunk_rows)
+    p = _problem(*shape, torch.float64)
+    p_test = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+    errs = _compare(p_test, p, temperature=0.7, want_kl=True, want_entropy=True)
+    bad = {k: v for k, v in errs.items() if not v <= RTOL[dtype]}
+    assert not bad, bad
+
+
+# KL without a reference is rejected by the API (test_bad_inputs), so it is not a combination.
+_COMBOS = [(ref, kl, ent) for ref in ("hidden", "weight", "none") for kl, ent in ((False, False), (True, False),
+                                                                                  (False, True))
+           if not (kl and ref == "none")]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("ref,want_kl,want_entropy", _COMBOS,
+                         ids=[f"ref-{r}-{'kl' if k else 'ent' if e else 'logp'}" for r, k, e in _COMBOS])
+def test_feature_combinations(ref, bias, want_kl, want_entropy):
+    p = _problem(21, 17, 263, torch.float64, bias=bias, ref=ref)
+    errs = _compare(p, p, temperature=1.3, want_kl=want_kl, want_entropy=want_entropy)
+    assert all(v <= RTOL[torch.float64] for v in errs.values()), errs
+
+
+def test_detached_kl_gets_no_gradient_path():
+    """A KL that does not enter the loss must not change the gradient (the backward then skips
+    the reference recompute)."""
+    p = _problem(19, 12, 97, torch.float64)
+    h = p["hidden"].clone().requires_grad_()
+    stats = compiled_linear_token_stats(h, p["weight"], p["targets"], None, p["ref_hidden"], p["ref_weight"],
+                                        None, 1.0, True, False)
+    stats.logprobs.sum().backward()
+    h2 = p["hidden"].clone().requires_grad_()
+    want = linear_logprobs_reference(h2, p["weight"], p["targets"])
+    want.logprobs.sum().backward()
+    assert _rel(h.grad, h2.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_within_twice_torch_error(dtype):
+    p64 = _problem(40, 48, 517, torch.float64, seed=3)
+    p_low = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p64.items()}
+    p_truth = {k: (v.to(dtype).to(torch.float32) if torch.is_tensor(v) and v.is_floating_point() else v)
+               for k, v in p64.items()}
+    s_truth, g_truth = _stats_and_grads(_reference, p_truth, 1.0, True, True)
+    s_ref, g_ref = _stats_and_grads(_reference, p_low, 1.0, True, True)
+    s_got, g_got = _stats_and_grads(_compiled, p_low, 1.0, True, True)
+    assert s_got.logprobs.dtype == torch.float32 and g_got["weight"].dtype == dtype
+    for f in ("logprobs", "ref_logprobs", "kl", "entropy"):
+        torch_err = _rel(getattr(s_ref, f), getattr(s_truth, f))
+        assert _rel(getattr(s_got, f), getattr(s_truth, f)) <= 2 * torch_err + 1e-6, f
+    for k in g_truth:
+        torch_err = _rel(g_ref[k], g_truth[k])
+        assert _rel(g_got[k], g_truth[k]) <= 2 * torch_err + 1e-6, k
+
+
+def test_fully_masked_rows_are_zero_and_get_no_gradient():
+    p = _problem(4 * 6, 20, 150, torch.float64)
+    hidden = p["hidden"].reshape(4, 6, 20).clone().requires_grad_()
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False  # a fully masked response
+    mask[2, 1:] = False  # a one-token response
+    targets = p["targets"].reshape(4, 6)
+    kw = dict(ref_hidden=p["ref_hidden"].reshape(4, 6, 20), ref_weight=p["ref_weight"], kl="exact", mask=mask)
+    got = fused_linear_logprobs(hidden, p["weight"], targets, backend="cpu", **kw)
+    got.logprobs.sum().backward()
+    h2 = hidden.detach().clone().requires_grad_()
+    want = fused_linear_logprobs(h2, p["weight"], targets, backend="torch", **kw)
+    want.logprobs.sum().backward()
+    assert (got.logprobs[1] == 0).all() and (got.kl[1] == 0).all()
+    assert (hidden.grad[1] == 0).all() and (hidden.grad[2, 1:] == 0).all()
+    assert _rel(got.logprobs, want.logprobs) <= 1e-12 and _rel(got.kl, want.kl) <= 1e-12
+    assert _rel(hidden.grad, h2.grad) <= 1e-12
+
+
+def test_targets_at_vocabulary_edges():
+    p = _problem(6, 10, 300, torch.float64, bias=False, ref="none")
+    p["targets"] = torch.tensor([0, 299, 0, 299, 150, 255])
+    errs = _compare(p, p, 1.0, False, False)
+    assert all(v <= 1e-12 for v in errs.values()), errs
+
+
+@pytest.mark.parametrize("case", ["h-mismatch", "vocab-mismatch", "ref-h-mismatch", "target-out-of-range",
+                                  "unbuilt-backend"])
+def test_bad_inputs_raise_before_any_kernel(case, monkeypatch):
+    import vimpo_kernels.logprobs.compiled_function as cf
+
+    def boom(*_a, **_k):  # any kernel launch would land here
+        raise AssertionError("a kernel ran before the input check")
+
+    monkeypatch.setattr(cf, "_ext", boom)
+    p = _problem(5, 8, 30, torch.float32)
+    kw = dict(ref_hidden=p["ref_hidden"], ref_weight=p["ref_weight"], kl="exact", backend="cpu")
+    weight, targets = p["weight"], p["targets"]
+    if case == "h-mismatch":
+        weight, err, what = torch.randn(30, 9), ValueError, "weight"
+    elif case == "vocab-mismatch":
+        kw["ref_weight"], err, what = torch.randn(31, 8), ValueError, "vocabulary"
+    elif case == "ref-h-mismatch":
+        kw["ref_weight"], err, what = torch.randn(30, 7), ValueError, "ref_weight"
+    elif case == "target-out-of-range":
+        targets, err, what = torch.tensor([0, 1, 30, 2, 3]), ValueError, "targets"
+    else:
+        kw["backend"], err, what = "cuda", (RuntimeError, ValueError), "cuda"
+    with pytest.raises(err, match=what):
+        fused_linear_logprobs(p["hidden"], weight, targets, **kw)
