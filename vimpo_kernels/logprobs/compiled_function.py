@@ -161,11 +161,13 @@ def compiled_grpo_family_loss(hidden, weight, targets, mask, rewards, group_ids,
         raise ValueError(f"compiled_grpo_family_loss serves grpo/dr_grpo/dapo, got algorithm={config.algorithm!r}")
     B, T = mask.shape
     valid = mask.bool()
-    _check_inputs(hidden, weight, targets, bias, None, None, None, config.temperature, None, valid)
+    needs_ref = config.kl_loss_coeff > 0
+    ref_model = needs_ref and ref_logprobs is None
+    _check_inputs(hidden, weight, targets, bias, ref_hidden if ref_model else None,
+                  ref_weight if ref_model else None, ref_bias if ref_model else None, config.temperature, None, valid)
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     advantages = loss_kwargs.pop("advantages", None)
     num_tokens, num_sequences = loss_kwargs.get("num_tokens"), loss_kwargs.get("num_sequences")
-    needs_ref = config.kl_loss_coeff > 0
     placeholder = torch.zeros(B, T, dtype=dt, device=hidden.device)
     check_loss_inputs(placeholder, ref_logprobs if ref_logprobs is not None else (placeholder if needs_ref else None),
                       None, mask, rewards, group_ids, old_logprobs, rollout_is_weights, loss_kwargs.get("baseline"),
