@@ -10,7 +10,8 @@ through the 2-layer model, to rtol 1e-4 / atol 1e-6.
 import pytest
 import torch
 
-from integration_helpers import hashed_text_reward, require_module, trl_common_args
+from integration_helpers import (hashed_text_reward, prompt_dataset, require_module,  # noqa: F401
+                                 tiny_model_dir, tokenizer, trl_common_args)
 
 require_module("trl")
 trl_integration = require_module("vimpo.integrations.trl")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from integration_helpers import require_module
+from integration_helpers import require_module, tiny_model_dir  # noqa: F401
 
 require_module("verl")
 verl_integration = require_module("vimpo.integrations.verl")
