@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # The interpreter replaces @triton.jit functions by Python ones that cannot be compiled.
@@ -130,31 +132,42 @@ def compile_one(fn, types, consts, arch: int, num_warps: int, num_stages: int) -
                 compile_s=round(time.perf_counter() - t0, 2))
 
 
+def _checked(item) -> tuple[dict, str]:
+    """Compile job `item = (index into jobs(), arch)` (indices: kernels do not pickle)."""
+    index, arch = item
+    _, _, _, (fn, types, consts), warps, stages = jobs()[index]
+    try:
+        r = compile_one(fn, types, consts, arch, warps, stages)
+    except Exception as exc:  # a config that does not compile is a failure to report
+        return (dict(registers=-1, local_bytes=-1, shared_bytes=-1, compile_s=0.0),
+                f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    problems = []
+    if r["local_bytes"] > 0:
+        problems.append("spills/local memory")
+    if r["shared_bytes"] > SHARED_LIMIT[arch]:
+        problems.append("shared memory over the limit")
+    return r, ("FAIL: " + ", ".join(problems) if problems else "ok")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     ap.add_argument("--only", default="", help="compile only kernel/config/dtype labels containing this")
     args = ap.parse_args(argv)
 
     rows, failures = [], []
+    all_jobs = jobs()
+    todo = [(i, arch) for i, (name, label, width, *_rest) in enumerate(all_jobs)
+            if args.only in f"{name} {label} {_DTYPE[width]}" for arch in args.arch]
     print(f"{'kernel':<15} {'config':<26} {'dtype':<5} {'sm':>3} {'regs':>5} {'local B':>8} "
           f"{'shared B':>9} {'limit B':>8} {'compile s':>9}  status")
-    for name, label, width, (fn, types, consts), warps, stages in jobs():
-        if args.only not in f"{name} {label} {_DTYPE[width]}":
-            continue
-        for arch in args.arch:
-            try:
-                r = compile_one(fn, types, consts, arch, warps, stages)
-                problems = []
-                if r["local_bytes"] > 0:
-                    problems.append("spills/local memory")
-                if r["shared_bytes"] > SHARED_LIMIT[arch]:
-                    problems.append("shared memory over the limit")
-                status = "FAIL: " + ", ".join(problems) if problems else "ok"
-            except Exception as exc:  # a config that does not compile is a failure to report
-                r = dict(registers=-1, local_bytes=-1, shared_bytes=-1, compile_s=0.0)
-                status = f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    # Compiles are independent and single-threaded: one process per core (fork keeps the imports).
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=mp.get_context("fork")) as pool:
+        results = pool.map(_checked, todo)
+        for (i, arch), (r, status) in zip(todo, results):
+            name, label, width = all_jobs[i][:3]
             row = dict(kernel=name, config=label, dtype=_DTYPE[width], arch=arch, **r, status=status)
             rows.append(row)
             if status != "ok":
