@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csr
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -r requirements-dev.txt
+	# verl 0.9.1 pins transformers<5.11 (and would downgrade tokenizers): install it without its
+	# pins, plus the modules its registries import. Only the verl integration tests need it.
+	$(PIP) install -q --no-deps verl==0.9.1
+	$(PIP) install -q ray tensordict==0.10.0 omegaconf hydra-core codetiming
 	$(PIP) install -q --no-build-isolation -e .
 	$(PY) -c "import vimpo_kernels as vk; print('vimpo_kernels backends:', vk.available_backends())"
 	touch $(STAMP)
