@@ -45,8 +45,8 @@ def _extensions():
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-        ext = CUDAExtension(sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                            define_macros=[("VIMPO_WITH_CUDA", "1")],
+        kwargs["sources"] = sources + sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = CUDAExtension(define_macros=[("VIMPO_WITH_CUDA", "1")],
                             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     else:
         ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)

@@ -29,6 +29,10 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 "$VENV/bin/pip" install -q ninja setuptools wheel numpy
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# torch's CUDA headers include library headers (cuSPARSE, cuBLAS) that the pip wheels ship
+# under site-packages/nvidia/*/include; a toolkit without them still builds with these.
+NV_INC=$("$VENV/bin/python" -c "import glob, os, site; print(':'.join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], 'nvidia', '*', 'include')))))")
+export CPATH="${NV_INC}${CPATH:+:$CPATH}"
 
 # Build out of tree so the CPU-only `_C` of the main venv in this clone is left alone.
 echo "== building into $BUILD_DIR (archs $VIMPO_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)"

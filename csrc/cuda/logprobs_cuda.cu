@@ -7,8 +7,10 @@
 // shared memory. The element math is token_math.h's, the one the CPU tests exercise.
 //
 // Status: compiled and linked in CI (.ci/build_cuda.sh); not yet run on a GPU.
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream header, not ATen/cuda/CUDAContext.h: the latter pulls in cuSPARSE/cuBLAS
+// headers that a bare toolkit (headers of the runtime only) may lack.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "../row_passes.h"
 
@@ -119,7 +121,7 @@ __global__ void grpo_kernel(GrpoRows<T> a) {
 template <class Args, class Kernel>
 void launch(const Args& a, Kernel kernel) {
   if (a.rows == 0) return;
-  kernel<<<static_cast<unsigned>(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  kernel<<<static_cast<unsigned>(a.rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
