@@ -16,20 +16,28 @@ The default tier keeps a few small cases (seconds); the full matrix of shapes is
 
 from __future__ import annotations
 
-import importlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton decides interpreted vs compiled when a kernel is decorated (first import) and the
+# interpreter needs the variable again while kernels run (the fixture below). Set only around
+# the import here, so that other test modules and their subprocesses never see it.
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+from vimpo_kernels.logprobs import triton_function as tf  # noqa: E402
+from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402,F401
+
+if _OLD_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
 
 from conftest import golden_cases, load_golden, rel_err, require_golden  # noqa: E402
 from vimpo_kernels import VIMPOConfig, _backends, _env, fused_linear_logprobs, vimpo_loss  # noqa: E402
 from vimpo_kernels.logprobs import token_stats_from_logits  # noqa: E402
 from vimpo_kernels.logprobs import triton_autotune as tune  # noqa: E402
-from vimpo_kernels.logprobs import triton_function as tf  # noqa: E402
-from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402
 from vimpo_kernels.logprobs.reference import linear_logprobs_reference  # noqa: E402
 
 FIELDS = ("logprobs", "lse", "ref_logprobs", "ref_lse", "kl", "entropy")
@@ -38,16 +46,20 @@ DIFF_FIELDS = ("logprobs", "lse", "kl", "entropy")
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter():
-    """Kernels built for the interpreter, and the api told so (another module may have imported
-    them, or the backend registry, before TRITON_INTERPRET was set)."""
+    """TRITON_INTERPRET=1 and the backend registry told so, for this module's tests only."""
     if not tf._interpreted():
-        os.environ["TRITON_INTERPRET"] = "1"
-        importlib.reload(tk)
-    saved = _env.TRITON_INTERPRET
+        pytest.skip("the Triton kernels were imported compiled (for a GPU) earlier in this process; "
+                    "run this module in its own pytest process to use the interpreter")
+    old_flag = os.environ.get("TRITON_INTERPRET"), _env.TRITON_INTERPRET
+    os.environ["TRITON_INTERPRET"] = "1"
     _env.TRITON_INTERPRET = True
     _backends._triton_status.cache_clear()
     yield
-    _env.TRITON_INTERPRET = saved
+    if old_flag[0] is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old_flag[0]
+    _env.TRITON_INTERPRET = old_flag[1]
     _backends._triton_status.cache_clear()
 
 

@@ -42,15 +42,17 @@ reference tile when the KL carries gradient), form the logit gradient
 scale by 1/T (the logits were divided by T), and immediately contract it with the weight tile
 (-> d_hidden) and the hidden tile (-> d_weight); the gradient tile never leaves registers.
 
-Atomics, not a two-kernel split, for d_hidden and d_weight: a split needs one kernel that owns
-rows (d_hidden) and one that owns vocabulary tiles (d_weight), so every logit tile (and the
-reference tile) is recomputed twice: 12 NVH FLOPs instead of 8 NVH with a reference (8 vs 6
-without), i.e. +50% backward FLOPs on a GEMM-bound kernel. Neither design can keep its
-accumulator in registers (BLOCK_N x H fp32 is 256 KiB at H = 1024), so the split also pays a
-read-modify-write of that accumulator per tile, the same bytes the atomics move; the atomics
-add no traffic the split avoids, and they are fire-and-forget reductions (`red.global.add.f32`)
-that the SM does not wait on. Cost: fp32 sums in a nondeterministic order (bitwise
-run-to-run differences at the 1e-7 relative level). Figures in docs/roofline.md.
+Atomics, not a two-kernel split, for d_hidden and d_weight. Neither design can keep its
+accumulator in registers (BLOCK_N x H fp32 is 256 KiB at H = 1024), so both move a fp32 partial
+of d_hidden and d_weight per tile through L2. The split (one kernel owning rows for d_hidden,
+one owning vocabulary tiles for d_weight) moves it as a read-modify-write, twice the bytes, and
+recomputes every logit tile (and reference tile) twice: 12 NVH tensor-core FLOPs instead of 8
+with a reference, +50%. The atomics move it once, as fire-and-forget `red.global.add.f32` the SM
+does not wait on. The roofline model (bench/roofline_logprobs.py, docs/roofline.md) puts the
+atomic backward at 8.1 ms vs 9.4 ms for the split at N=4096, H=1024, V=32768 on an H100,
+breaking even only if L2 sustains less than ~2.3 TB/s of fp32 reductions: an assumption to
+measure first on a GPU (none was available here). Cost of the choice: fp32 sums in a
+nondeterministic order (run-to-run differences at the fp32 rounding level).
 
 UPCAST_DOT: Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bit patterns
 (triton 3.9 `create_dot`), so under the interpreter the operands of every dot are widened to
@@ -265,9 +267,9 @@ def bwd_kernel(
     if HAS_G_KL:  # both GEMMs before any elementwise tile, as in the forward
         r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
                         HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
-    # Rows past N get lse = inf: p = 0 there without overflowing exp.
-    lse = tl.load(LSE + rows, mask=row_mask, other=float("inf"))
-    logp = l - lse[:, None]
+    # Rows past N (clamped copies of row 0) get log p = 0: finite everywhere, zeroed below.
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    logp = tl.where(row_mask[:, None], l - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logp), 0.0)
 
     dl = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
