@@ -5,9 +5,10 @@ pick the grid and launch; two custom ops (`vimpo::triton_token_stats` and its ba
 the pair opaque to `torch.compile` (no graph break) with fake implementations for tracing;
 `triton_linear_token_stats` is the backend entry point that `logprobs/api.py` dispatches to.
 
-Memory: the forward saves only its inputs (references, no copies) and five (N,) fp32 vectors;
-the backward recomputes logits tile by tile. Extra memory is O(N * splits) for the partials,
-O(N * H + V * H) fp32 for the gradient accumulators, and nothing of size N x V.
+Memory: the forward saves only its inputs (references, no copies) and four (N,) fp32 vectors
+(lse, ref_lse, kl, entropy); the backward recomputes logits tile by tile. Extra memory is
+O(N * splits) for the partials, O(N * H + V * H) fp32 for the gradient accumulators, and
+nothing of size N x V.
 """
 
 from __future__ import annotations
