@@ -17,13 +17,18 @@ The default tier keeps a few small cases (seconds); the full matrix of shapes is
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-# Triton decides interpreted vs compiled when a kernel is decorated (first import) and the
-# interpreter needs the variable again while kernels run (the fixture below). Set only around
-# the import here, so that other test modules and their subprocesses never see it.
+# Triton decides interpreted vs compiled when a kernel is decorated, including its own
+# standard library (tl.sum, tl.max, ...) when `triton.language` is first imported; the
+# interpreter needs the variable again while kernels run (the fixture below). So these tests
+# run in this process only when nothing imported triton before; otherwise
+# tests/test_triton_subprocess.py runs this module in a fresh process. The variable is set only
+# around the import here, so other test modules and their subprocesses never see it.
+RUNS_IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
 _OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 from vimpo_kernels.logprobs import triton_function as tf  # noqa: E402
@@ -47,9 +52,9 @@ DIFF_FIELDS = ("logprobs", "lse", "kl", "entropy")
 @pytest.fixture(autouse=True, scope="module")
 def interpreter():
     """TRITON_INTERPRET=1 and the backend registry told so, for this module's tests only."""
-    if not tf._interpreted():
-        pytest.skip("the Triton kernels were imported compiled (for a GPU) earlier in this process; "
-                    "run this module in its own pytest process to use the interpreter")
+    if not (RUNS_IN_PROCESS and tf._interpreted()):
+        pytest.skip("triton was imported compiled (not interpreted) earlier in this process; "
+                    "tests/test_triton_subprocess.py runs this module in a fresh process")
     old_flag = os.environ.get("TRITON_INTERPRET"), _env.TRITON_INTERPRET
     os.environ["TRITON_INTERPRET"] = "1"
     _env.TRITON_INTERPRET = True
