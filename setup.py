@@ -33,7 +33,10 @@ def _extensions():
         if build_cuda and (torch.version.cuda is None or CUDA_HOME is None):
             raise RuntimeError("VIMPO_BUILD_CUDA=1 but torch is not a CUDA build or no CUDA toolkit "
                                f"was found (torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.14's headers use C++20 (std::strong_ordering in c10/util/intrusive_ptr.h).
+    std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) \
+        else "-std=c++17"
+    cxx = ["-O3", std, "-fopenmp"]
     if _flag("VIMPO_CPU_NATIVE", "1"):
         cxx.append("-march=native")
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -42,7 +45,7 @@ def _extensions():
     if build_cuda:
         archs = [a.strip() for a in os.environ.get("VIMPO_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
                  if a.strip()]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", std, "--expt-relaxed-constexpr", "-lineinfo"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         nvcc.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         kwargs["sources"] = sources + sorted(glob.glob("csrc/cuda/*.cu"))
