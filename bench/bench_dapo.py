@@ -26,11 +26,10 @@ import sys
 import torch
 
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
-from vimpo_kernels._backends import BACKENDS
 from vimpo_kernels.logprobs.reference import token_stats_from_logits
 from vimpo_kernels.vimpo_loss import vimpo_loss
 
-from .contenders import Contender, logits_bytes, module_available, our_backend_available, register, triton_timed
+from .contenders import Contender, logits_bytes, module_available, register, register_ours
 from .problems import DAPO_BETA, DAPO_EPS_HIGH, DAPO_EPS_LOW, Problem
 
 CONFIG = VIMPOConfig.for_algorithm("dapo", kl_loss_coeff=DAPO_BETA, clip_ratio_low=DAPO_EPS_LOW,
@@ -102,15 +101,8 @@ register(Contender(
     description="Liger-Kernel LigerFusedLinearGRPOLoss(loss_type='dapo'), chunked, grads in forward",
     build=_build_liger, available=_liger_available))
 
-for _b in BACKENDS:
-    register(Contender(
-        name=f"ours:{_b}", op="dapo", family="ours",
-        description=f"fused_vimpo_loss(config=dapo, ref_logprobs given, backend={_b!r})",
-        build=_build_ours(_b),
-        available=lambda p, b=_b: our_backend_available(b, p),
-        timed=triton_timed if _b == "triton" else (lambda p: True),
-        mem_estimate=(lambda p: logits_bytes(p, 4)) if _b == "torch" else (lambda p: 0.0),
-        env={"TRITON_INTERPRET": "1"} if _b == "triton" else {}))
+register_ours("dapo", _build_ours,
+              lambda b: f"fused_vimpo_loss(config=dapo, ref_logprobs given, backend={b!r})", torch_logit_copies=4)
 
 
 if __name__ == "__main__":

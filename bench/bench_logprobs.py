@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from vimpo_kernels import fused_linear_logprobs
-from vimpo_kernels._backends import BACKENDS
 from vimpo_kernels.logprobs.reference import linear_logprobs_reference
 
-from .contenders import Contender, logits_bytes, module_available, our_backend_available, register, triton_timed
+from .contenders import Contender, logits_bytes, module_available, register, register_ours
 from .problems import Problem
 
 
@@ -105,15 +104,7 @@ register(Contender(
     description="linear_logprobs_reference: N x V logits, log-softmax, gather",
     build=_build_materialize, mem_estimate=lambda p: logits_bytes(p, 3)))
 
-for _b in BACKENDS:
-    register(Contender(
-        name=f"ours:{_b}", op="logprobs", family="ours",
-        description=f"fused_linear_logprobs(backend={_b!r})",
-        build=_build_ours(_b),
-        available=lambda p, b=_b: our_backend_available(b, p),
-        timed=triton_timed if _b == "triton" else (lambda p: True),
-        mem_estimate=(lambda p: logits_bytes(p, 3)) if _b == "torch" else (lambda p: 0.0),
-        env={"TRITON_INTERPRET": "1"} if _b == "triton" else {}))
+register_ours("logprobs", _build_ours, lambda b: f"fused_linear_logprobs(backend={b!r})", torch_logit_copies=3)
 
 register(Contender(
     name="torch:lce", op="logprobs", family="peer",

@@ -19,11 +19,10 @@ import sys
 import torch
 
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
-from vimpo_kernels._backends import BACKENDS
 from vimpo_kernels.logprobs.reference import token_stats_from_logits
 from vimpo_kernels.vimpo_loss import vimpo_loss
 
-from .contenders import Contender, logits_bytes, our_backend_available, register, triton_timed
+from .contenders import Contender, logits_bytes, register, register_ours
 from .problems import Problem
 
 CONFIG = VIMPOConfig()  # the paper recipe: beta 5e-4, exact KL (detached), c_A 5e-3
@@ -73,15 +72,8 @@ register(Contender(
     # the KL's p and p*(log p - log q): measured ~7 N x V buffers at the peak.
     mem_estimate=lambda p: logits_bytes(p, 8)))
 
-for _b in BACKENDS:
-    register(Contender(
-        name=f"ours:{_b}", op="vimpo", family="ours",
-        description=f"fused_vimpo_loss(backend={_b!r})" + (" (materializes: our reference)" if _b == "torch" else ""),
-        build=_build_ours(_b),
-        available=lambda p, b=_b: our_backend_available(b, p),
-        timed=triton_timed if _b == "triton" else (lambda p: True),
-        mem_estimate=(lambda p: logits_bytes(p, 8)) if _b == "torch" else (lambda p: 0.0),
-        env={"TRITON_INTERPRET": "1"} if _b == "triton" else {}))
+register_ours("vimpo", _build_ours,
+              lambda b: f"fused_vimpo_loss(backend={b!r})" + (" (materializes: our reference)" if b == "torch" else ""), torch_logit_copies=8)
 
 
 if __name__ == "__main__":

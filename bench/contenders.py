@@ -127,3 +127,23 @@ def triton_timed(point: Point) -> bool:
 def logits_bytes(point: Point, copies: float) -> float:
     """`copies` float32 N x V buffers: what a materializing implementation holds at its peak."""
     return copies * point.N * point.V * 4.0
+
+
+def register_ours(op: str, build_for_backend: Callable[[str], Callable], describe: Callable[[str], str],
+                  torch_logit_copies: float) -> None:
+    """Register `ours:<backend>` for every backend of vimpo_kernels, the same way for every op.
+
+    `torch_logit_copies`: N x V buffers the `torch` backend (our materializing reference) holds
+    at its peak; the fused backends are estimated at 0 extra logits. Triton runs in the
+    interpreter on CPU (correctness only), so it gets TRITON_INTERPRET=1 and `triton_timed`.
+    """
+    from vimpo_kernels._backends import BACKENDS
+
+    for backend in BACKENDS:
+        register(Contender(
+            name=f"ours:{backend}", op=op, family="ours", description=describe(backend),
+            build=build_for_backend(backend),
+            available=lambda p, b=backend: our_backend_available(b, p),
+            timed=triton_timed if backend == "triton" else (lambda p: True),
+            mem_estimate=(lambda p: logits_bytes(p, torch_logit_copies)) if backend == "torch" else _no_estimate,
+            env={"TRITON_INTERPRET": "1"} if backend == "triton" else {}))
