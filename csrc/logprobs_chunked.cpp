@@ -49,14 +49,16 @@ at::ScalarType compute_dtype(const Tensor& hidden) {
   return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Rows per chunk. CPU: ~16 MiB per logits buffer keeps the whole working set small (the
-// acceptance bound is 5% of the materializing reference) while the GEMMs stay compute bound
-// (K = H for the forward, K = chunk for d_weight: 128 rows is ~32 flop per byte of d_weight
-// traffic). CUDA: ~256 MiB per buffer, so cuBLAS sees large GEMMs.
-int64_t chunk_rows(int64_t requested, int64_t n_rows, int64_t vocab, const Tensor& like) {
+// Rows per chunk. CPU: 64 MiB per logits buffer (512 rows at V = 32768). MKL's GEMMs with
+// a small chunk dimension lose speed: at H = 1024, V = 32768 on 2 EPYC cores the forward GEMMs
+// of 128-row chunks took 1.2x a full-size GEMM, 512-row chunks 1.0x; d_weight (K = chunk)
+// likewise. The buffers stay well under the d_weight accumulator (V x H fp32, 128 MiB there),
+// which every method pays. CUDA: ~256 MiB per buffer, so cuBLAS sees large GEMMs.
+int64_t chunk_rows(int64_t requested, int64_t n_rows, int64_t vocab, const at::TensorOptions& compute) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, n_rows));
-  const int64_t budget = like.is_cuda() ? (int64_t(256) << 20) : (int64_t(16) << 20);
-  const int64_t rows = budget / std::max<int64_t>(1, vocab * int64_t(like.element_size()));
+  const int64_t budget = compute.device().is_cuda() ? (int64_t(256) << 20) : (int64_t(64) << 20);
+  const int64_t elem = int64_t(c10::elementSize(c10::typeMetaToScalarType(compute.dtype())));
+  const int64_t rows = budget / std::max<int64_t>(1, vocab * elem);
   return std::max<int64_t>(1, std::min(n_rows, std::max<int64_t>(16, rows)));
 }
 
@@ -150,16 +152,17 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
   std::optional<Head> ref_head;
   if (has_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
   const auto opts = hidden.options().dtype(dt);
-  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts);
+  const auto opts64 = opts.dtype(at::kDouble);  // the lse's: token_math.h `SplitConst`
+  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts64);
   Tensor ref_logp, ref_lse, kl, entropy;
   if (has_ref) {
     ref_logp = at::empty({N}, opts);
-    ref_lse = at::empty({N}, opts);
+    ref_lse = at::empty({N}, opts64);
     if (want_kl) kl = at::empty({N}, opts);
   }
   if (want_entropy) entropy = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, logp);
+  const int64_t C = chunk_rows(chunk, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   Tensor ref_buf = has_ref ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
@@ -174,8 +177,9 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
     }
     ForwardRows<T> a{z.const_data_ptr<T>(), has_ref ? zr.const_data_ptr<T>() : nullptr,
                      tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
-                     logp.data_ptr<T>() + r0, lse.data_ptr<T>() + r0,
-                     has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr, has_ref ? ref_lse.data_ptr<T>() + r0 : nullptr,
+                     logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0,
+                     has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr,
+                     has_ref ? ref_lse.data_ptr<double>() + r0 : nullptr,
                      kl.defined() ? kl.data_ptr<T>() + r0 : nullptr,
                      entropy.defined() ? entropy.data_ptr<T>() + r0 : nullptr};
     passes.forward(a);
@@ -197,15 +201,16 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
   std::optional<Head> ref_head;
   if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
   HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
-  const auto opts = lse.options();
+  const auto opts = hidden.options().dtype(dt);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, lse);
+  const int64_t C = chunk_rows(chunk, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   Tensor ref_buf = with_ref ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
   const Tensor g_logp = c(grad_logp), g_kl = c(grad_kl), g_ent = c(grad_entropy);
-  const Tensor lse_c = c(lse), ref_lse_c = c(ref_lse), kl_c = c(kl), ent_c = c(entropy);
+  auto c64 = [](const Tensor& t) { return t.defined() ? t.to(at::kDouble).contiguous() : t; };
+  const Tensor lse_c = c64(lse), ref_lse_c = c64(ref_lse), kl_c = c(kl), ent_c = c(entropy);
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
     const bool vm = passes.vocab_major;
@@ -219,7 +224,8 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
                       tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
-                      at_r0(lse_c), with_ref ? at_r0(ref_lse_c) : nullptr, with_ref ? at_r0(kl_c) : nullptr,
+                      lse_c.const_data_ptr<double>() + r0,
+                      with_ref ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr, with_ref ? at_r0(kl_c) : nullptr,
                       at_r0(ent_c), at_r0(g_logp), at_r0(g_kl), g_ent.defined() ? at_r0(g_ent) : nullptr};
     passes.backward(a);
     grads.accumulate(z, rows, head, r0, vm);
@@ -237,9 +243,9 @@ std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const 
   const Head head(hidden, weight, bias, dt);
   HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
   const auto opts = hidden.options().dtype(dt);
-  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts), dlogp = at::empty({N}, opts);
+  Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble)), dlogp = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, logp);
+  const int64_t C = chunk_rows(chunk, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
@@ -253,7 +259,7 @@ std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const 
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
                   at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), prm,
-                  logp.data_ptr<T>() + r0, lse.data_ptr<T>() + r0, dlogp.data_ptr<T>() + r0};
+                  logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0, dlogp.data_ptr<T>() + r0};
     passes.grpo(a);
     grads.accumulate(z, rows, head, r0, vm);
   }

@@ -26,9 +26,9 @@ struct ForwardRows {
   int64_t rows, vocab;
   T inv_temp;
   T* logp;
-  T* lse;
-  T* ref_logp;  // with ref_logits
-  T* ref_lse;   // with ref_logits
+  double* lse;  // fp64 for every T: see token_math.h `SplitConst`
+  T* ref_logp;      // with ref_logits
+  double* ref_lse;  // with ref_logits
   T* kl;        // with ref_logits, optional
   T* entropy;   // optional
 };
@@ -40,8 +40,8 @@ struct BackwardRows {
   const int64_t* targets;
   int64_t rows, vocab;
   T inv_temp;
-  const T* lse;
-  const T* ref_lse;  // with ref_logits
+  const double* lse;
+  const double* ref_lse;  // with ref_logits
   const T* kl;       // with ref_logits
   const T* entropy;  // with grad_entropy
   const T* grad_logp;
@@ -66,7 +66,7 @@ struct GrpoRows {
   const T* ref_logp;  // needed when params.kl_coeff > 0
   PPOParams params;
   T* logp;
-  T* lse;
+  double* lse;
   T* dlogp;
 };
 

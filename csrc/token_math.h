@@ -29,6 +29,8 @@ namespace vimpo {
 // under `omp simd` (libm's expf does not); 7th-order Taylor on |r| <= ln2/2 is accurate to
 // ~1e-7 relative, i.e. to fp32 rounding. Below -87 the result is clamped to ~1.6e-38 instead
 // of flushing to 0: such a term is < 1e-37 of the row sum, which always contains exp(0) = 1.
+// Vectorizing it needs -fno-trapping-math under GCC (setup.py): otherwise the clamp's compare
+// stays a branch and every row pass runs scalar, ~3x slower.
 VIMPO_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
@@ -64,6 +66,22 @@ VIMPO_HD T row_entropy(T z_sum, T zx_sum) { return log(z_sum) - zx_sum / z_sum; 
 
 template <class T>
 VIMPO_HD T row_kl(T z_sum, T zk_sum, T zr_sum) { return zk_sum / z_sum - log(z_sum) + log(zr_sum); }
+
+// A row constant c (an lse) kept in fp64 and applied as hi + lo in T. In the backward,
+// logp_j = (l_j - hi) - lo: l_j - hi is exact wherever p_j matters (l_j within a factor 2 of
+// c), so logp_j carries only the logits' own rounding. A single fp32 lse would add ulp(c) / 2
+// to every logp_j (1e-6 at |c| ~ 40), which the KL and entropy gradients amplify: they weigh
+// logp_j - logq_j - KL, a difference of numbers that nearly cancel when pi ~ pi_ref.
+template <class T>
+struct SplitConst {
+  T hi, lo;
+};
+
+template <class T>
+VIMPO_HD SplitConst<T> split_const(double c) {
+  const T hi = T(c);
+  return {hi, T(c - double(hi))};
+}
 
 // ---- online merge of partial row sums ------------------------------------------------------
 // Sums over a part of the vocabulary, each relative to that part's own maxima m (policy) and

@@ -21,8 +21,8 @@ from vimpo_kernels.logprobs.compiled_function import compiled_linear_token_stats
 
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
-# (N, H, V): N = 1; H not a power of 2; V not a multiple of the 256-entry vocabulary block
-# and N not a multiple of the 16-row SIMD group; one shape larger than a block.
+# (N, H, V): N = 1; H not a power of 2; V smaller than one 16-entry vocabulary block, and V
+# not a multiple of it (the CPU passes split the vocabulary across threads in such blocks).
 SHAPES = [(1, 8, 5), (37, 24, 301), (50, 33, 1000)]
 
 
@@ -139,6 +139,46 @@ def test_low_precision_within_twice_torch_error(dtype):
     for k in g_truth:
         torch_err = _rel(g_ref[k], g_truth[k])
         assert _rel(g_got[k], g_truth[k]) <= 2 * torch_err + 1e-6, k
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_vocabulary_split_across_threads(threads):
+    """The CPU passes give each thread a contiguous vocabulary range and merge the partial sums:
+    V = 70 is 5 blocks of 16, so 3 threads get uneven ranges and 4 threads leave one empty."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        p = _problem(23, 16, 70, torch.float64, seed=5)
+        errs = _compare(p, p, temperature=0.9, want_kl=True, want_entropy=True)
+    finally:
+        torch.set_num_threads(before)
+    assert all(v <= RTOL[torch.float64] for v in errs.values()), errs
+
+
+def test_row_maximum_late_in_the_vocabulary():
+    """Each thread's running sums are rescaled whenever a row's maximum grows: logits rising along
+    the vocabulary (the maximum moves in every block) and a far-off row offset must not lose
+    precision in fp32."""
+    N, H, V = 6, 4, 517
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.1
+    weight[:, 0] += torch.linspace(0, 3, V, dtype=torch.float64)  # logits grow with j
+    hidden[:, 0] = torch.linspace(1, 4, N, dtype=torch.float64)
+    p = {"hidden": hidden, "weight": weight, "targets": torch.randint(0, V, (N,), generator=g),
+         "bias": torch.full((V,), 300.0, dtype=torch.float64), "ref_hidden": hidden + 0.1,
+         "ref_weight": None, "ref_bias": None}
+    errs = _compare(p, p, temperature=1.0, want_kl=True, want_entropy=True)
+    assert all(v <= RTOL[torch.float64] for v in errs.values()), errs
+    # fp32: the inputs themselves carry 3e-5 absolute error at |logit| ~ 300, so the bound is the
+    # fp32 torch reference's own error against fp64, doubled.
+    p32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+    ours = _compare(p32, p, temperature=1.0, want_kl=True, want_entropy=True)
+    s_ref, g_ref = _stats_and_grads(_reference, p32, 1.0, True, True)
+    s_64, g_64 = _stats_and_grads(_reference, p, 1.0, True, True)
+    torch_err = {f: _rel(getattr(s_ref, f), getattr(s_64, f)) for f in ("logprobs", "kl", "entropy")}
+    torch_err.update({f"d_{k}": _rel(g_ref[k], g_64[k]) for k in g_64})
+    assert all(ours[k] <= 2 * torch_err[k] + 1e-6 for k in torch_err), (ours, torch_err)
 
 
 def test_fully_masked_rows_are_zero_and_get_no_gradient():

@@ -56,14 +56,14 @@ __global__ void forward_kernel(ForwardRows<T> a) {
   const RowSums<T> s = block_sums(thread_sums(z, zr, a.vocab, a.inv_temp));
   if (threadIdx.x != 0) return;
   const int64_t y = a.targets[r];
-  const T lse = row_lse(s.m, s.z);
+  const double lse = double(s.m) + log(double(s.z));
   a.lse[r] = lse;
-  a.logp[r] = z[y] * a.inv_temp - lse;
+  a.logp[r] = T(double(z[y] * a.inv_temp) - lse);
   if (a.entropy) a.entropy[r] = row_entropy(s.z, s.zx);
   if (!zr) return;
-  const T ref_lse = row_lse(s.mr, s.zr);
+  const double ref_lse = double(s.mr) + log(double(s.zr));
   a.ref_lse[r] = ref_lse;
-  a.ref_logp[r] = zr[y] * a.inv_temp - ref_lse;
+  a.ref_logp[r] = T(double(zr[y] * a.inv_temp) - ref_lse);
   if (a.kl) a.kl[r] = row_kl(s.z, s.zk, s.zr);
 }
 
@@ -72,17 +72,18 @@ __global__ void backward_kernel(BackwardRows<T> a) {
   const int64_t r = blockIdx.x;
   T* z = a.logits + r * a.vocab;
   const T* zr = a.ref_logits ? a.ref_logits + r * a.vocab : nullptr;
-  const T it = a.inv_temp, lse = a.lse[r];
+  const T it = a.inv_temp;
+  const SplitConst<T> lse = split_const<T>(a.lse[r]);
   const T g = a.grad_logp ? a.grad_logp[r] : T(0);
   const T g_kl = a.grad_kl ? a.grad_kl[r] : T(0);
   const T kl = zr ? a.kl[r] : T(0);
-  const T ref_lse = zr ? a.ref_lse[r] : T(0);
+  const SplitConst<T> ref_lse = split_const<T>(zr ? a.ref_lse[r] : 0.0);
   const T g_ent = a.grad_entropy ? a.grad_entropy[r] : T(0);
   const T ent = a.grad_entropy ? a.entropy[r] : T(0);
   const int64_t y = a.targets[r];
   for (int64_t j = threadIdx.x; j < a.vocab; j += blockDim.x) {
-    const T logp_j = z[j] * it - lse;
-    const T logq_j = zr ? zr[j] * it - ref_lse : T(0);
+    const T logp_j = (z[j] * it - lse.hi) - lse.lo;
+    const T logq_j = zr ? (zr[j] * it - ref_lse.hi) - ref_lse.lo : T(0);
     T d = dlogit_entry<T>(exp_nonpos(logp_j), logp_j, logq_j, g, g_kl, kl, g_ent, ent);
     if (j == y) d += g;
     z[j] = d * it;
@@ -97,15 +98,16 @@ __global__ void grpo_kernel(GrpoRows<T> a) {
   const RowSums<T> s = block_sums(thread_sums<T>(z, nullptr, a.vocab, it));
   __shared__ T shared_g;
   const int64_t y = a.targets[r];
-  const T lse = row_lse(s.m, s.z);
+  const double lse64 = double(s.m) + log(double(s.z));
+  const T lse = T(lse64);
   if (threadIdx.x == 0) {
-    const T logp = z[y] * it - lse;
+    const T logp = T(double(z[y] * it) - lse64);
     const T old = a.old_logp ? a.old_logp[r] : logp;
     const T is_w = a.is_w ? a.is_w[r] : T(1);
     const T ref = a.ref_logp ? a.ref_logp[r] : logp;
     const T g = ppo_dloss_dlogp<T>(logp, old, a.adv[r], a.agg_w[r], is_w, ref, a.params);
     a.logp[r] = logp;
-    a.lse[r] = lse;
+    a.lse[r] = lse64;
     a.dlogp[r] = g;
     shared_g = g;
   }

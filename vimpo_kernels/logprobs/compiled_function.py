@@ -43,9 +43,13 @@ class _CompiledTokenStats(torch.autograd.Function):
         logp, lse, ref_logp, ref_lse, kl, entropy = _ext().token_stats_forward(
             hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_kl, want_entropy,
             _env.CHUNK_ROWS)
+        # The backward gets the lse's in fp64 (csrc/token_math.h `SplitConst`); callers get them
+        # in the statistics' dtype.
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl,
                               entropy)
         ctx.temperature = temperature
+        lse = lse.to(logp.dtype)
+        ref_lse = ref_lse.to(logp.dtype) if ref_lse is not None else None
         # Unused outputs get None gradients: a detached KL then skips the reference recompute.
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*[t for t in (lse, ref_logp, ref_lse) if t is not None])
