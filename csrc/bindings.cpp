@@ -36,6 +36,17 @@ std::vector<at::Tensor> grpo_forward_grad(const at::Tensor& hidden, const at::Te
 at::Tensor grpo_dloss_dlogp(const at::Tensor& logp, const OptTensor& old_logp, const at::Tensor& adv,
                             const at::Tensor& agg_w, const OptTensor& is_w, const OptTensor& ref_logp,
                             double clip_low, double clip_high, double clip_c, double kl_coeff);
+
+// epilogue.cpp
+std::vector<at::Tensor> vimpo_epilogue_scan(const at::Tensor& logp, const at::Tensor& ref, const OptTensor& kl,
+                                            const at::Tensor& mask, double beta, double lam, int64_t kl_estimator);
+std::vector<at::Tensor> vimpo_epilogue_tokens(const at::Tensor& logp, const at::Tensor& ref,
+                                              const OptTensor& old_logp, const OptTensor& is_w,
+                                              const at::Tensor& mask, const at::Tensor& adv_raw,
+                                              const at::Tensor& agg_w, const at::Tensor& dloss_dseq, double beta,
+                                              int64_t kl_estimator, bool detach_kl, bool whiten, double adv_mean,
+                                              double adv_rstd, double actor_coeff, double clip_low,
+                                              double clip_high, double clip_c, bool want_g_kl);
 }  // namespace vimpo
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -64,4 +75,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The GRPO-family per-token d loss / d logp (the coefficient grpo_forward_grad uses), on CPU",
         py::arg("logp"), py::arg("old_logp"), py::arg("adv"), py::arg("agg_w"), py::arg("is_w"),
         py::arg("ref_logp"), py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_c"), py::arg("kl_coeff"));
+  m.def("vimpo_epilogue_scan", &vimpo::vimpo_epilogue_scan,
+        "VIMPO epilogue pass 1 (fp64, (B, T)): [u, adv_raw, seq_value]", py::arg("logp"), py::arg("ref_logp"),
+        py::arg("token_kl"), py::arg("mask"), py::arg("beta"), py::arg("lam"), py::arg("kl_estimator"));
+  m.def("vimpo_epilogue_tokens", &vimpo::vimpo_epilogue_tokens,
+        "VIMPO epilogue pass 2 (fp64, (B, T)): [adv, g_logp, g_kl, sums (B, 4): loss, clip, clip_lower, "
+        "-log_ratio]",
+        py::arg("logp"), py::arg("ref_logp"), py::arg("old_logp"), py::arg("is_w"), py::arg("mask"),
+        py::arg("adv_raw"), py::arg("agg_w"), py::arg("dloss_dseq"), py::arg("beta"), py::arg("kl_estimator"),
+        py::arg("detach_kl"), py::arg("whiten"), py::arg("adv_mean"), py::arg("adv_rstd"), py::arg("actor_coeff"),
+        py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_c"), py::arg("want_g_kl"));
 }

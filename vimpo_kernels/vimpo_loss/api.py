@@ -17,6 +17,7 @@ from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
 from .. import _backends
 from ..logprobs.reference import linear_logprobs_reference, logit_grad_norm
+from .compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
 from .reference import vimpo_loss
 from ..validate import check_mask, check_tensor
 
@@ -102,9 +103,32 @@ def fused_vimpo_loss(
         ref_logprobs = stats.ref_logprobs
     if config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs:
         loss_kwargs["logit_grad_norm"] = _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend)
-    return vimpo_loss(stats.logprobs, ref_logprobs, stats.kl if kl or config.kl_estimator == "candidate_set"
-                      else None, mask, rewards, group_ids, old_logprobs=old_logprobs,
-                      rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)
+    epilogue = vimpo_loss
+    if _compiled_epilogue_applies(backend, hidden.device, config, loss_kwargs):
+        epilogue = compiled_vimpo_loss
+    return epilogue(stats.logprobs, ref_logprobs, stats.kl if kl or config.kl_estimator == "candidate_set"
+                    else None, mask, rewards, group_ids, old_logprobs=old_logprobs,
+                    rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)
+
+
+_COMPILED_EPILOGUE_KWARGS = {"baseline", "value_norm_denom", "num_tokens", "num_sequences", "process_group",
+                             "return_details"}
+
+
+def _compiled_epilogue_applies(backend: str, device: torch.device, config: VIMPOConfig, loss_kwargs) -> bool:
+    """The sequence epilogue runs the compiled kernels (csrc/epilogue_math.h) for the "cpu" and
+    "cuda" backends, and for "triton" when the extension has CUDA (the epilogue is O(B*T); one
+    implementation per device is enough). The reference epilogue serves "torch", the soft value
+    type and the adaptive actor coefficient."""
+    resolved = _backends.resolve_backend(backend, device)
+    if resolved == "torch" or compiled_epilogue_supports(config) is not None:
+        return False
+    if not set(loss_kwargs) <= _COMPILED_EPILOGUE_KWARGS:
+        return False
+    ext = _backends.extension()
+    if ext is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and ext.built_with_cuda())
 
 
 def _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend):

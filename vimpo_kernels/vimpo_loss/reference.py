@@ -200,6 +200,16 @@ def implicit_values(u: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def whiten(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased",
            process_group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
     """Whiten over the valid tokens of this micro-batch (pooled over `process_group`)."""
+    mean, rstd = whiten_stats(adv, valid, variance, process_group)
+    if variance == "unbiased":
+        return (adv - mean) * rstd * valid.to(adv.dtype)
+    return ((adv.double() - mean) * rstd * valid.double()).to(adv.dtype)
+
+
+def whiten_stats(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased",
+                 process_group: Optional["dist.ProcessGroup"] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1/std) of `whiten`: in adv's dtype for `unbiased` (the single-process formula),
+    float64 and all-reduced over `process_group` for `biased`."""
     m = valid.to(adv.dtype)
     if variance == "unbiased":
         if process_group is not None and dist.is_initialized() and dist.get_world_size(process_group) > 1:
@@ -211,7 +221,7 @@ def whiten(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased",
                              f"(got {int(n.item())}); use whiten_variance='biased'")
         mean = (adv * m).sum() / (n + 1e-8)
         var = ((adv - mean) ** 2 * m).sum() / (n + 1e-8) * (n / (n - 1))
-        return (adv - mean) * torch.rsqrt(var + 1e-8) * m
+        return mean, torch.rsqrt(var + 1e-8)
     # Float64 sums: the variance is a difference of two large moments.
     a64, m64 = adv.double(), m.double()
     sums = torch.stack([(a64 * m64).sum(), (a64 * a64 * m64).sum(), m64.sum()])
@@ -220,7 +230,7 @@ def whiten(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased",
     n = sums[2].clamp(min=1.0)
     mean = sums[0] / n
     var = (sums[1] / n - mean * mean).clamp(min=0.0)
-    return ((a64 - mean) * torch.rsqrt(var + 1e-8) * m64).to(adv.dtype)
+    return mean, torch.rsqrt(var + 1e-8)
 
 
 def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences,

@@ -1,0 +1,157 @@
+"""The VIMPO sequence epilogue on the compiled backends (csrc/epilogue_math.h).
+
+Same contract as `reference.vimpo_loss` for the raw value type: two per-sequence kernel
+passes (token term + reverse lambda-scan; whitened PPO loss + per-token gradient
+coefficients) with O(B) glue between them, where the whitening statistics are all-reduced and
+the value-loss derivative is taken. The O(B) glue reuses the reference's own functions
+(group baseline, value loss, aggregation weights, whitening statistics), so only the
+per-token math lives in C++, and it is tested against autograd through the reference.
+
+Why not the reference itself: its reverse scan is a Python loop over T (three tensor ops per
+position, ~T x 3 kernel launches on a GPU), and the whole epilogue is ~60 small ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backends
+from ..config import VIMPOConfig
+from ..logprobs.compiled_function import aggregation_weights
+from ..validate import check_loss_inputs
+from .reference import _masked_mean, _token_kl, _value_loss, group_mean, whiten_stats
+
+_ESTIMATOR_CODE = {"exact": 0, "candidate_set": 0, "k2": 2, "k3": 3}
+
+
+def compiled_epilogue_supports(config: VIMPOConfig) -> Optional[str]:
+    """None when the compiled epilogue computes `config`; else why the reference must."""
+    if config.is_grpo_family:
+        return "the GRPO family has its own forward-gradient path"
+    if config.value_type != "raw":
+        return "value_type='soft' (experimental) runs the reference epilogue"
+    if config.adaptive_actor_coeff:
+        return "adaptive_actor_coeff needs per-token logit-gradient norms (reference only)"
+    return None
+
+
+def _ext():
+    ext = _backends.extension()
+    if ext is None:
+        raise RuntimeError("vimpo_kernels._C is not importable: the compiled epilogue needs the extension")
+    return ext
+
+
+class _EpilogueLoss(torch.autograd.Function):
+    """A scalar whose gradients w.r.t. logp (and a non-detached token KL) the kernel formed."""
+
+    @staticmethod
+    def forward(ctx, logprobs, token_kl, loss_value, g_logp, g_kl):
+        ctx.save_for_backward(g_logp, g_kl)
+        return loss_value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_logp, g_kl = ctx.saved_tensors
+        d_logp = grad * g_logp if ctx.needs_input_grad[0] else None
+        d_kl = grad * g_kl if ctx.needs_input_grad[1] and g_kl is not None else None
+        return d_logp, d_kl, None, None, None
+
+
+def compiled_vimpo_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    token_kl: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    old_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    config: Optional[VIMPOConfig] = None,
+    baseline: Optional[torch.Tensor] = None,
+    value_norm_denom: Optional[float] = None,
+    num_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
+    process_group=None,
+    return_details: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """`vimpo_loss` (raw value type, fixed actor coefficient) through the compiled epilogue
+    kernels, on the device of `logprobs` (CPU, or CUDA when the extension has CUDA)."""
+    config = config or VIMPOConfig()
+    why = compiled_epilogue_supports(config)
+    if why is not None:
+        raise ValueError(f"compiled epilogue: {why}")
+    check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids, old_logprobs,
+                      rollout_is_weights, baseline, None, None, None, config)
+    ext, dt = _ext(), logprobs.dtype
+    m = mask.to(dt)
+    valid = m > 0
+    f64 = lambda x: None if x is None else x.detach().to(torch.float64).contiguous()  # noqa: E731
+    lp, ref, m64 = f64(logprobs), f64(ref_logprobs), f64(m)
+    est = _ESTIMATOR_CODE[config.kl_estimator]
+    u, adv_raw, seq_value = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
+                                                     config.beta, config.lam, est)
+
+    # O(B) glue, by the reference's own functions (section 5, 6).
+    rewards = rewards.to(dt)
+    if baseline is None:
+        baseline = group_mean(rewards, group_ids)
+        if config.cap_v0 is not None:
+            baseline = baseline.clamp(max=config.cap_v0)
+    target = rewards - baseline.to(dt)
+    residual = (seq_value.to(dt) - target).detach().requires_grad_()
+    with torch.enable_grad():
+        value_loss_raw, value_loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+        (dloss_dseq,) = torch.autograd.grad(value_loss, residual)
+    residual = residual.detach()
+    if config.whiten_adv:
+        mean, rstd = whiten_stats(adv_raw if config.whiten_variance == "biased" else adv_raw.to(dt), valid,
+                                  config.whiten_variance, process_group)
+        mean, rstd = float(mean), float(rstd)
+    else:
+        mean, rstd = 0.0, 1.0
+    agg_w = aggregation_weights(mask, config, num_tokens, num_sequences, torch.float64)
+
+    want_g_kl = est == 0 and not config.detach_kl
+    adv, g_logp, g_kl, sums = ext.vimpo_epilogue_tokens(
+        lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq),
+        config.beta, est, config.detach_kl, config.whiten_adv, mean, rstd, config.actor_coeff,
+        config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c, want_g_kl)
+    pg_loss = sums[:, 0].sum().to(dt)
+    loss_value = (value_loss.detach() + config.actor_coeff * pg_loss).to(dt)
+    loss = _EpilogueLoss.apply(logprobs, token_kl if want_g_kl else None, loss_value, g_logp.to(dt),
+                               g_kl.to(dt) if want_g_kl else None)
+
+    adv, adv_raw = adv.to(dt), adv_raw.to(dt)
+    kl = _token_kl(logprobs.detach(), ref_logprobs, None if token_kl is None else token_kl.detach(), config)
+    n_valid = valid.sum().clamp(min=1).to(dt)
+    adv_mean = _masked_mean(adv, valid)
+    metrics = {
+        "loss": loss_value,
+        "value_loss": value_loss,
+        "value_loss_raw": value_loss_raw,
+        "actor_loss": pg_loss,
+        "actor_coeff": torch.as_tensor(config.actor_coeff, dtype=dt),
+        "residual_rms": residual.pow(2).mean().sqrt(),
+        "seq_value_mean": seq_value.to(dt).mean(),
+        "target_mean": target.mean(),
+        "adv_mean": adv_mean,
+        "adv_std": _masked_mean((adv - adv_mean) ** 2, valid).sqrt(),
+        "adv_raw_mean": _masked_mean(adv_raw, valid),
+        "kl_mean": _masked_mean(kl, valid),
+        "clip_frac": sums[:, 1].sum().to(dt) / n_valid,
+        "clip_frac_lower": sums[:, 2].sum().to(dt) / n_valid,
+        "ppo_kl": sums[:, 3].sum().to(dt) / n_valid,
+    }
+    metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    if return_details:
+        _, neg_values, _ = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
+                                                   config.beta, 1.0, est)
+        metrics["details"] = {
+            "token_kl": kl.detach(), "u": u.to(dt), "seq_value": seq_value.to(dt), "baseline": baseline,
+            "target": target.detach(), "residual": residual, "values": -neg_values.to(dt), "adv_raw": adv_raw,
+            "adv": adv}
+    return loss, metrics
