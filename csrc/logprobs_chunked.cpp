@@ -141,10 +141,38 @@ struct HeadGrads {
   }
 };
 
+// Candidate-set KL (spec section 3): the K largest policy logits of each row of a chunk (ATen's
+// topk on the chunk buffer, either device; tempering is monotone, so the raw logits rank the
+// same) and the KL restricted to them with the full normalisers. Runs after the row pass,
+// which supplies the lse's; the ids are kept (N x K) so the backward reuses the same set.
+struct Candidates {
+  Tensor idx;         // (n, K) vocabulary ids
+  Tensor logp, logq;  // (n, K) fp64 log-probs of the candidates under both models
+  Tensor p;           // (n, K) fp64 policy probabilities
+};
+
+Candidates candidates_of(const Tensor& z, const Tensor& zr, const Tensor& known_idx, int64_t k, bool vocab_major,
+                         double inv_temp, const Tensor& lse, const Tensor& ref_lse) {
+  const int64_t dim = vocab_major ? 0 : 1;
+  Tensor idx = known_idx.defined() ? (vocab_major ? known_idx.t() : known_idx)
+                                   : std::get<1>(at::topk(z, k, dim, /*largest=*/true, /*sorted=*/false));
+  auto tempered = [&](const Tensor& logits) {
+    // The tempered logit in the compute dtype, as the row passes form it, then fp64.
+    Tensor g = logits.gather(dim, idx).mul(inv_temp).to(at::kDouble);
+    return vocab_major ? g.t() : g;
+  };
+  Candidates c;
+  c.idx = (vocab_major ? idx.t() : idx).contiguous();
+  c.logp = tempered(z) - lse.unsqueeze(1);
+  c.logq = tempered(zr) - ref_lse.unsqueeze(1);
+  c.p = c.logp.exp();
+  return c;
+}
+
 template <class T>
 std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                  const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
-                                 double temperature, bool want_kl, bool want_entropy, int64_t chunk) {
+                                 double temperature, bool want_kl, bool want_entropy, int64_t topk, int64_t chunk) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool has_ref = ref_hidden.defined();
@@ -161,6 +189,9 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
     if (want_kl) kl = at::empty({N}, opts);
   }
   if (want_entropy) entropy = at::empty({N}, opts);
+  const bool candidate_set = want_kl && topk > 0;
+  const int64_t K = std::min(topk, V);
+  Tensor cand_idx = candidate_set ? at::empty({N, K}, hidden.options().dtype(at::kLong)) : Tensor();
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(chunk, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
@@ -180,11 +211,17 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
                      logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0,
                      has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr,
                      has_ref ? ref_lse.data_ptr<double>() + r0 : nullptr,
-                     kl.defined() ? kl.data_ptr<T>() + r0 : nullptr,
+                     kl.defined() && !candidate_set ? kl.data_ptr<T>() + r0 : nullptr,
                      entropy.defined() ? entropy.data_ptr<T>() + r0 : nullptr};
     passes.forward(a);
+    if (candidate_set) {
+      const Candidates c = candidates_of(z, zr, Tensor(), K, vm, 1.0 / temperature, lse.narrow(0, r0, n),
+                                         ref_lse.narrow(0, r0, n));
+      kl.narrow(0, r0, n).copy_((c.p * (c.logp - c.logq)).sum(1));
+      cand_idx.narrow(0, r0, n).copy_(c.idx);
+    }
   }
-  return {logp, lse, ref_logp, ref_lse, kl, entropy};
+  return {logp, lse, ref_logp, ref_lse, kl, entropy, cand_idx};
 }
 
 template <class T>
@@ -192,11 +229,13 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                                   const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                   const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
                                   const Tensor& lse, const Tensor& ref_lse, const Tensor& kl, const Tensor& entropy,
-                                  double temperature, bool need_dh, bool need_dw, bool need_db, int64_t chunk) {
+                                  const Tensor& cand_idx, double temperature, bool need_dh, bool need_dw,
+                                  bool need_db, int64_t chunk) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   // The reference logits are recomputed only when the KL carries a gradient (non-detached KL).
   const bool with_ref = grad_kl.defined();
+  const bool candidate_set = with_ref && cand_idx.defined();
   const Head head(hidden, weight, bias, dt);
   std::optional<Head> ref_head;
   if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
@@ -222,12 +261,34 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
     }
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
-    BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
-                      tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
-                      lse_c.const_data_ptr<double>() + r0,
-                      with_ref ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr, with_ref ? at_r0(kl_c) : nullptr,
-                      at_r0(ent_c), at_r0(g_logp), at_r0(g_kl), g_ent.defined() ? at_r0(g_ent) : nullptr};
-    passes.backward(a);
+    if (candidate_set) {
+      // d k / d l_j = 1[j in K] p_j (logp_j - logq_j + 1) - p_j (k + P_K): the dense part is an
+      // extra d loss / d logp for the policy-only pass (minus its 1[j = y] share, undone at
+      // the target below); the sparse part is scattered at the K ids.
+      const Candidates cs = candidates_of(z, zr, cand_idx.narrow(0, r0, n), 0, vm, 1.0 / temperature,
+                                          lse_c.narrow(0, r0, n), ref_lse_c.narrow(0, r0, n));
+      const Tensor gk = g_kl.narrow(0, r0, n).to(at::kDouble);
+      const Tensor shift = gk * (kl_c.narrow(0, r0, n).to(at::kDouble) + cs.p.sum(1));
+      const Tensor g_dense = (g_logp.defined() ? g_logp.narrow(0, r0, n).to(at::kDouble) + shift : shift)
+                                 .to(dt).contiguous();
+      BackwardRows<T> a{z.data_ptr<T>(), nullptr, tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                        lse_c.const_data_ptr<double>() + r0, nullptr, nullptr, at_r0(ent_c),
+                        g_dense.const_data_ptr<T>(), nullptr, g_ent.defined() ? at_r0(g_ent) : nullptr};
+      passes.backward(a);
+      const double it = 1.0 / temperature;
+      const int64_t dim = vm ? 0 : 1;
+      auto layout = [vm](const Tensor& rows_by_k) { return vm ? rows_by_k.t() : rows_by_k; };  // (n, K) -> buffer's
+      z.scatter_add_(dim, layout(tgt.narrow(0, r0, n).unsqueeze(1)), layout((shift * -it).to(dt).unsqueeze(1)));
+      z.scatter_add_(dim, layout(cs.idx), layout((gk.unsqueeze(1) * cs.p * (cs.logp - cs.logq + 1.0) * it).to(dt)));
+    } else {
+      BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
+                        tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                        lse_c.const_data_ptr<double>() + r0,
+                        with_ref ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr,
+                        with_ref ? at_r0(kl_c) : nullptr, at_r0(ent_c), at_r0(g_logp), at_r0(g_kl),
+                        g_ent.defined() ? at_r0(g_ent) : nullptr};
+      passes.backward(a);
+    }
     grads.accumulate(z, rows, head, r0, vm);
   }
   return grads.finish(hidden, weight, bias);
@@ -292,15 +353,16 @@ void check_token_stats_inputs(const Tensor& hidden, const Tensor& weight, const 
 std::vector<Tensor> token_stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
                                         const Tensor& targets, const OptTensor& ref_hidden,
                                         const OptTensor& ref_weight, const OptTensor& ref_bias, double temperature,
-                                        bool want_kl, bool want_entropy, int64_t chunk) {
+                                        bool want_kl, bool want_entropy, int64_t topk, int64_t chunk) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
                            temperature);
   TORCH_CHECK(!want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
+  TORCH_CHECK(topk >= 0, "topk must be >= 0 (0 = exact KL), got ", topk);
   if (compute_dtype(hidden) == at::kDouble)
     return forward_impl<double>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight),
-                                opt(ref_bias), temperature, want_kl, want_entropy, chunk);
+                                opt(ref_bias), temperature, want_kl, want_entropy, topk, chunk);
   return forward_impl<float>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
-                             temperature, want_kl, want_entropy, chunk);
+                             temperature, want_kl, want_entropy, topk, chunk);
 }
 
 std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTensor& grad_kl,
@@ -308,8 +370,8 @@ std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTe
                                          const OptTensor& bias, const Tensor& targets, const OptTensor& ref_hidden,
                                          const OptTensor& ref_weight, const OptTensor& ref_bias, const Tensor& lse,
                                          const OptTensor& ref_lse, const OptTensor& kl, const OptTensor& entropy,
-                                         double temperature, bool need_dh, bool need_dw, bool need_db,
-                                         int64_t chunk) {
+                                         const OptTensor& cand_idx, double temperature, bool need_dh, bool need_dw,
+                                         bool need_db, int64_t chunk) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
                            temperature);
   const int64_t N = hidden.size(0);
@@ -320,13 +382,17 @@ std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTe
   TORCH_CHECK(!grad_kl.has_value() || (ref_hidden.has_value() && ref_lse.has_value() && kl.has_value()),
               "grad_kl needs ref_hidden, ref_lse and kl");
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy needs entropy");
+  if (cand_idx.has_value())
+    TORCH_CHECK(cand_idx->scalar_type() == at::kLong && cand_idx->dim() == 2 && cand_idx->size(0) == N &&
+                    cand_idx->device() == hidden.device(),
+                "cand_idx must be an int64 (", N, ", K) tensor on ", hidden.device());
   if (compute_dtype(hidden) == at::kDouble)
     return backward_impl<double>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
                                  opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
-                                 opt(entropy), temperature, need_dh, need_dw, need_db, chunk);
+                                 opt(entropy), opt(cand_idx), temperature, need_dh, need_dw, need_db, chunk);
   return backward_impl<float>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
                               opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
-                              opt(entropy), temperature, need_dh, need_dw, need_db, chunk);
+                              opt(entropy), opt(cand_idx), temperature, need_dh, need_dw, need_db, chunk);
 }
 
 std::vector<Tensor> grpo_forward_grad(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,

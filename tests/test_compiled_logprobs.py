@@ -181,6 +181,54 @@ def test_row_maximum_late_in_the_vocabulary():
     assert all(ours[k] <= 2 * torch_err[k] + 1e-6 for k in torch_err), (ours, torch_err)
 
 
+@pytest.mark.parametrize("topk", [1, 5, 400], ids=["k1", "k5", "k-above-V"])
+@pytest.mark.parametrize("chunk_rows", [0, 7], ids=["chunk-auto", "chunk-7"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_candidate_set_kl_and_its_gradient(topk, chunk_rows, dtype, monkeypatch):
+    """The candidate-set KL (top-k of the policy logits, full normalisers) and, through a
+    non-detached KL, its sparse + dense gradient; topk > V means the whole vocabulary."""
+    monkeypatch.setattr(_env, "CHUNK_ROWS", chunk_rows)
+    p = _problem(29, 16, 301, torch.float64, seed=11)
+    p_test = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in p.items()}
+
+    def compiled(a, temperature, want_kl, want_entropy):
+        return compiled_linear_token_stats(a["hidden"], a["weight"], a["targets"], a["bias"], a["ref_hidden"],
+                                           a["ref_weight"], a["ref_bias"], temperature, want_kl, want_entropy,
+                                           topk)
+
+    def reference(a, temperature, want_kl, want_entropy):
+        return linear_logprobs_reference(a["hidden"], a["weight"], a["targets"], bias=a["bias"],
+                                         ref_hidden=a["ref_hidden"], ref_weight=a["ref_weight"],
+                                         ref_bias=a["ref_bias"], temperature=temperature, kl="candidate_set",
+                                         topk=topk, return_entropy=want_entropy)
+
+    s_got, g_got = _stats_and_grads(compiled, p_test, 0.8, True, True)
+    s_want, g_want = _stats_and_grads(reference, p, 0.8, True, True)
+    errs = {f: _rel(getattr(s_got, f), getattr(s_want, f)) for f in ("logprobs", "kl", "entropy")}
+    errs.update({f"d_{k}": _rel(g_got[k], g_want[k]) for k in g_want})
+    assert all(v <= RTOL[dtype] for v in errs.values()), errs
+    if topk > 301:  # the whole vocabulary: the exact KL
+        exact = linear_logprobs_reference(p["hidden"], p["weight"], p["targets"], bias=p["bias"],
+                                          ref_hidden=p["ref_hidden"], ref_weight=p["ref_weight"],
+                                          ref_bias=p["ref_bias"], temperature=0.8, kl="exact")
+        assert _rel(s_got.kl, exact.kl) <= RTOL[dtype]
+
+
+def test_candidate_set_through_the_public_api():
+    from vimpo_kernels import fused_linear_logprobs
+    p = _problem(12, 8, 50, torch.float64, seed=2)
+    kw = dict(bias=p["bias"], ref_hidden=p["ref_hidden"], ref_weight=p["ref_weight"], ref_bias=p["ref_bias"])
+    got = fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], kl="candidate_set", topk=4, backend="cpu",
+                                **kw)
+    want = fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], kl="candidate_set", topk=4,
+                                 backend="torch", **kw)
+    assert _rel(got.kl, want.kl) <= RTOL[torch.float64]
+    with pytest.raises(ValueError, match="topk"):
+        fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], kl="candidate_set", backend="cpu", **kw)
+    with pytest.raises(ValueError, match="topk"):
+        fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], kl="exact", topk=3, backend="cpu", **kw)
+
+
 def test_fully_masked_rows_are_zero_and_get_no_gradient():
     p = _problem(4 * 6, 20, 150, torch.float64)
     hidden = p["hidden"].reshape(4, 6, 20).clone().requires_grad_()

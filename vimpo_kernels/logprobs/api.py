@@ -25,6 +25,7 @@ def fused_linear_logprobs(
     ref_bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     kl: Optional[str] = None,
+    topk: int = 0,
     return_entropy: bool = False,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
@@ -42,7 +43,10 @@ def fused_linear_logprobs(
             means the same hidden states (e.g. a reference LM head), `ref_hidden` alone the
             same weight. Never differentiated.
         temperature: the logits of both models are divided by it before the softmax.
-        kl: None or "exact" (needs a reference).
+        kl: None, "exact" (needs a reference), or "candidate_set": the same sum over the `topk`
+            largest policy logits of each row, with the full normalisers (spec section 3;
+            not on the triton backend).
+        topk: the candidate-set size (capped at V); only with kl="candidate_set".
         return_entropy: also return H(pi).
         mask: optional bool (N,) / (B, T): only rows with mask=1 are computed; the others
             get 0 in every output (padding costs nothing).
@@ -54,6 +58,9 @@ def fused_linear_logprobs(
     """
     lead = _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
                          kl, mask)
+    if (kl == "candidate_set") != (topk != 0) or not isinstance(topk, int) or topk < 0:
+        raise ValueError(f"topk must be a positive int with kl='candidate_set' and 0 otherwise, got topk={topk!r} "
+                         f"with kl={kl!r}")
     has_ref = ref_hidden is not None or ref_weight is not None
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
@@ -68,8 +75,11 @@ def fused_linear_logprobs(
         rh2 = rh2 if rh2 is not None else h2.detach()
         ref_weight = ref_weight if ref_weight is not None else weight.detach()
     name = _backends.resolve_backend(backend, hidden.device)
+    if name == "triton" and kl == "candidate_set" and backend == "auto":
+        # The Triton kernels have no top-k; "auto" takes the next backend that has one.
+        name = "cuda" if _backends.backend_status()["cuda"][0] else "torch"
     stats = _IMPLS[name](h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature),
-                         kl == "exact", bool(return_entropy))
+                         kl is not None, bool(return_entropy), topk)
     if rows is not None:
         n_all = targets.numel()
         stats = stats.map(lambda x: x.new_zeros(n_all).index_put((rows,), x))
@@ -77,10 +87,11 @@ def fused_linear_logprobs(
 
 
 def _torch_impl(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
-                want_entropy) -> TokenStats:
+                want_entropy, topk=0) -> TokenStats:
+    kl = ("candidate_set" if topk else "exact") if want_kl else None
     return linear_logprobs_reference(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                      ref_weight=ref_weight, ref_bias=ref_bias, temperature=temperature,
-                                     kl="exact" if want_kl else None, return_entropy=want_entropy)
+                                     kl=kl, topk=topk, return_entropy=want_entropy)
 
 
 def _lazy(module: str, fn: str):
@@ -91,7 +102,8 @@ def _lazy(module: str, fn: str):
 
 
 # Each backend: (hidden (N,H), weight (V,H), targets (N,) int64, bias, ref_hidden (N,H) | None,
-# ref_weight | None, ref_bias, temperature, want_kl, want_entropy) -> TokenStats of (N,).
+# ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk) -> TokenStats of (N,);
+# topk > 0: the KL is the candidate-set KL.
 _IMPLS = {
     "torch": _torch_impl,
     "triton": _lazy(".triton_function", "triton_linear_token_stats"),
@@ -133,10 +145,10 @@ def _check_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bia
         if ref_hidden is None and ref_weight is None:
             raise ValueError("ref_bias given without ref_hidden or ref_weight")
         check_tensor("ref_bias", ref_bias, floating=True, shape=(V,), device=dev)
-    if kl not in (None, "exact"):
-        raise ValueError(f"kl must be None or 'exact', got {kl!r}")
+    if kl not in (None, "exact", "candidate_set"):
+        raise ValueError(f"kl must be None, 'exact' or 'candidate_set', got {kl!r}")
     if kl is not None and ref_hidden is None and ref_weight is None:
-        raise ValueError("kl='exact' needs a reference: pass ref_hidden and/or ref_weight")
+        raise ValueError(f"kl={kl!r} needs a reference: pass ref_hidden and/or ref_weight")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if mask is not None:

@@ -39,14 +39,14 @@ class _CompiledTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
-                want_entropy):
-        logp, lse, ref_logp, ref_lse, kl, entropy = _ext().token_stats_forward(
+                want_entropy, topk):
+        logp, lse, ref_logp, ref_lse, kl, entropy, cand_idx = _ext().token_stats_forward(
             hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, temperature, want_kl, want_entropy,
-            _env.CHUNK_ROWS)
+            topk, _env.CHUNK_ROWS)
         # The backward gets the lse's in fp64 (csrc/token_math.h `SplitConst`); callers get them
         # in the statistics' dtype.
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl,
-                              entropy)
+                              entropy, cand_idx)
         ctx.temperature = temperature
         lse = lse.to(logp.dtype)
         ref_lse = ref_lse.to(logp.dtype) if ref_lse is not None else None
@@ -57,24 +57,26 @@ class _CompiledTokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, _g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_entropy):
-        hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, entropy = ctx.saved_tensors
+        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, entropy,
+         cand_idx) = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        none = (None,) * 7
+        none = (None,) * 8
         if g_logp is None and g_kl is None and g_entropy is None or not (need_dh or need_dw or need_db):
             return (None, None, None) + none
         d_hidden, d_weight, d_bias = _ext().token_stats_backward(
             g_logp, g_kl, g_entropy, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, lse,
-            ref_lse, kl, entropy, ctx.temperature, need_dh, need_dw, need_db, _env.CHUNK_ROWS)
+            ref_lse, kl, entropy, cand_idx, ctx.temperature, need_dh, need_dw, need_db, _env.CHUNK_ROWS)
         return (d_hidden, d_weight, d_bias) + none
 
 
 def compiled_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                                want_kl, want_entropy) -> TokenStats:
+                                want_kl, want_entropy, topk=0) -> TokenStats:
     """The `_IMPLS` contract of logprobs/api.py for backends "cpu" and "cuda": rows already
-    packed and validated; (N,) statistics, float32 (float64 for float64 input)."""
+    packed and validated; (N,) statistics, float32 (float64 for float64 input). `topk` > 0
+    makes the KL the candidate-set KL over the `topk` largest policy logits."""
     logp, lse, ref_logp, ref_lse, kl, entropy = _CompiledTokenStats.apply(
         hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, float(temperature), bool(want_kl),
-        bool(want_entropy))
+        bool(want_entropy), int(topk))
     return TokenStats(logprobs=logp, lse=lse, ref_logprobs=ref_logp, ref_lse=ref_lse, kl=kl, entropy=entropy)
 
 

@@ -32,7 +32,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                              want_kl, want_entropy) -> TokenStats:
+                              want_kl, want_entropy, topk=0) -> TokenStats:
     """Token statistics of `hidden @ weight.T (+ bias)` (N rows) with the Triton kernels.
 
     Inputs as validated by `fused_linear_logprobs`: hidden (N, H), weight (V, H), targets (N,)
@@ -40,6 +40,9 @@ def triton_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_wei
     Returns float32 (N,) fields; gradients reach hidden, weight and bias through logprobs, lse,
     kl and entropy.
     """
+    if topk:
+        raise ValueError("kl='candidate_set' is not implemented by the triton backend; use backend='cuda', "
+                         "'cpu' or 'torch'")
     _check_operands(hidden, weight, bias, "hidden", "weight", "bias")
     has_ref = ref_weight is not None
     if has_ref != (ref_hidden is not None):

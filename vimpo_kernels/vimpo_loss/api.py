@@ -83,22 +83,12 @@ def fused_vimpo_loss(
             hidden, weight, targets, mask, rewards, group_ids, bias=bias, ref_logprobs=ref_logprobs,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, old_logprobs=old_logprobs,
             rollout_is_weights=rollout_is_weights, config=config, backend=backend, **loss_kwargs)
-    kl = "exact" if config.needs_exact_kl else None
+    kl = config.kl_estimator if config.needs_exact_kl else None
     valid = mask.bool()
-
-    if config.kl_estimator == "candidate_set" and not config.is_grpo_family:
-        # Top-k over the vocabulary per token needs the full row; only the reference does it.
-        if backend not in ("auto", "torch"):
-            raise ValueError("kl_estimator='candidate_set' is implemented by backend='torch' only")
-        stats = linear_logprobs_reference(
-            hidden, weight, targets.masked_fill(~valid, 0), bias=bias, ref_hidden=ref_hidden,
-            ref_weight=ref_weight, ref_bias=ref_bias, temperature=config.temperature, kl="candidate_set",
-            topk=config.candidate_kl_topk)
-        stats = stats.map(lambda x: torch.where(valid, x, 0.0))
-    else:
-        stats = fused_linear_logprobs(
-            hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-            ref_bias=ref_bias, temperature=config.temperature, kl=kl, mask=valid, backend=backend)
+    stats = fused_linear_logprobs(
+        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        temperature=config.temperature, kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
+        mask=valid, backend=backend)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
     if config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs:
@@ -106,8 +96,8 @@ def fused_vimpo_loss(
     epilogue = vimpo_loss
     if _compiled_epilogue_applies(backend, hidden.device, config, loss_kwargs):
         epilogue = compiled_vimpo_loss
-    return epilogue(stats.logprobs, ref_logprobs, stats.kl if kl or config.kl_estimator == "candidate_set"
-                    else None, mask, rewards, group_ids, old_logprobs=old_logprobs,
+    return epilogue(stats.logprobs, ref_logprobs, stats.kl if kl else None, mask, rewards, group_ids,
+                    old_logprobs=old_logprobs,
                     rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)
 
 
