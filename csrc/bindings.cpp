@@ -18,8 +18,8 @@ using OptTensor = c10::optional<at::Tensor>;
 std::vector<at::Tensor> token_stats_forward(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
                                             const at::Tensor& targets, const OptTensor& ref_hidden,
                                             const OptTensor& ref_weight, const OptTensor& ref_bias,
-                                            double temperature, bool want_kl, bool want_entropy, int64_t topk,
-                                            int64_t chunk);
+                                            double temperature, bool want_kl, bool want_entropy,
+                                            bool want_grad_norm, int64_t topk, int64_t chunk);
 std::vector<at::Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTensor& grad_kl,
                                              const OptTensor& grad_entropy, const at::Tensor& hidden,
                                              const at::Tensor& weight, const OptTensor& bias,
@@ -56,11 +56,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vimpo_kernels compiled backends (C++ CPU, optional CUDA)";
   m.def("built_with_cuda", &vimpo::built_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("token_stats_forward", &vimpo::token_stats_forward,
-        "Chunked token statistics [logp, lse (fp64), ref_logp, ref_lse (fp64), kl, entropy, cand_idx] (None "
-        "where not computed); topk > 0 with want_kl: the candidate-set KL over the topk largest policy logits",
+        "Chunked token statistics [logp, lse (fp64), ref_logp, ref_lse (fp64), kl, entropy, cand_idx, "
+        "logit_grad_norm] (None where not computed); topk > 0 with want_kl: the candidate-set KL over the topk "
+        "largest policy logits",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("targets"), py::arg("ref_hidden"),
         py::arg("ref_weight"), py::arg("ref_bias"), py::arg("temperature"), py::arg("want_kl"),
-        py::arg("want_entropy"), py::arg("topk") = 0, py::arg("chunk_rows") = 0);
+        py::arg("want_entropy"), py::arg("want_grad_norm") = false, py::arg("topk") = 0, py::arg("chunk_rows") = 0);
   m.def("token_stats_backward", &vimpo::token_stats_backward,
         "Recompute the logits chunk by chunk; returns [d_hidden, d_weight, d_bias] (None where not asked)",
         py::arg("grad_logp"), py::arg("grad_kl"), py::arg("grad_entropy"), py::arg("hidden"), py::arg("weight"),

@@ -172,7 +172,8 @@ Candidates candidates_of(const Tensor& z, const Tensor& zr, const Tensor& known_
 template <class T>
 std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                  const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
-                                 double temperature, bool want_kl, bool want_entropy, int64_t topk, int64_t chunk) {
+                                 double temperature, bool want_kl, bool want_entropy, bool want_grad_norm,
+                                 int64_t topk, int64_t chunk) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool has_ref = ref_hidden.defined();
@@ -189,6 +190,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
     if (want_kl) kl = at::empty({N}, opts);
   }
   if (want_entropy) entropy = at::empty({N}, opts);
+  Tensor grad_norm = want_grad_norm ? at::empty({N}, opts) : Tensor();
   const bool candidate_set = want_kl && topk > 0;
   const int64_t K = std::min(topk, V);
   Tensor cand_idx = candidate_set ? at::empty({N, K}, hidden.options().dtype(at::kLong)) : Tensor();
@@ -212,7 +214,8 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
                      has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr,
                      has_ref ? ref_lse.data_ptr<double>() + r0 : nullptr,
                      kl.defined() && !candidate_set ? kl.data_ptr<T>() + r0 : nullptr,
-                     entropy.defined() ? entropy.data_ptr<T>() + r0 : nullptr};
+                     entropy.defined() ? entropy.data_ptr<T>() + r0 : nullptr,
+                     grad_norm.defined() ? grad_norm.data_ptr<T>() + r0 : nullptr};
     passes.forward(a);
     if (candidate_set) {
       const Candidates c = candidates_of(z, zr, Tensor(), K, vm, 1.0 / temperature, lse.narrow(0, r0, n),
@@ -221,7 +224,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
       cand_idx.narrow(0, r0, n).copy_(c.idx);
     }
   }
-  return {logp, lse, ref_logp, ref_lse, kl, entropy, cand_idx};
+  return {logp, lse, ref_logp, ref_lse, kl, entropy, cand_idx, grad_norm};
 }
 
 template <class T>
@@ -353,16 +356,17 @@ void check_token_stats_inputs(const Tensor& hidden, const Tensor& weight, const 
 std::vector<Tensor> token_stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
                                         const Tensor& targets, const OptTensor& ref_hidden,
                                         const OptTensor& ref_weight, const OptTensor& ref_bias, double temperature,
-                                        bool want_kl, bool want_entropy, int64_t topk, int64_t chunk) {
+                                        bool want_kl, bool want_entropy, bool want_grad_norm, int64_t topk,
+                                        int64_t chunk) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
                            temperature);
   TORCH_CHECK(!want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
   TORCH_CHECK(topk >= 0, "topk must be >= 0 (0 = exact KL), got ", topk);
   if (compute_dtype(hidden) == at::kDouble)
     return forward_impl<double>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight),
-                                opt(ref_bias), temperature, want_kl, want_entropy, topk, chunk);
+                                opt(ref_bias), temperature, want_kl, want_entropy, want_grad_norm, topk, chunk);
   return forward_impl<float>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
-                             temperature, want_kl, want_entropy, topk, chunk);
+                             temperature, want_kl, want_entropy, want_grad_norm, topk, chunk);
 }
 
 std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTensor& grad_kl,

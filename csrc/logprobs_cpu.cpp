@@ -54,11 +54,11 @@ class RangeSums {
  public:
   RangeSums(int64_t rows, bool with_ref)
       : n_(rows), ref_(with_ref), m_(rows), mr_(rows), dm_(rows), dmr_(rows), bz_(rows), bzx_(rows), bzr_(rows),
-        bzk_(rows), z_(rows, 0.0), zx_(rows, 0.0), zr_(rows, 0.0), zk_(rows, 0.0) {}
+        bzk_(rows), bzq_(rows), z_(rows, 0.0), zx_(rows, 0.0), zr_(rows, 0.0), zk_(rows, 0.0), zq_(rows, 0.0) {}
 
   void sweep(const T* z, const T* zr, int64_t j0, int64_t j1, T it, RowSums<double>* out) {
     if (j0 >= j1) {
-      for (int64_t r = 0; r < n_; ++r) out[r] = RowSums<double>{0, 0, 0, 0, 0, 0};
+      for (int64_t r = 0; r < n_; ++r) out[r] = RowSums<double>{0, 0, 0, 0, 0, 0, 0};
       return;
     }
     // Start the maxima at the range's first entry: finite for finite logits, so the first
@@ -75,7 +75,7 @@ class RangeSums {
       add_block_sums();
     }
     for (int64_t r = 0; r < n_; ++r)
-      out[r] = RowSums<double>{double(m_[r]), z_[r], zx_[r], ref_ ? double(mr_[r]) : 0.0, zr_[r], zk_[r]};
+      out[r] = RowSums<double>{double(m_[r]), z_[r], zx_[r], ref_ ? double(mr_[r]) : 0.0, zr_[r], zk_[r], zq_[r]};
   }
 
  private:
@@ -112,6 +112,7 @@ class RangeSums {
     double* __restrict zx = zx_.data();
     double* __restrict zr = zr_.data();
     double* __restrict zk = zk_.data();
+    double* __restrict zq = zq_.data();
     if (ref_) {
 #pragma omp simd
       for (int64_t r = 0; r < n_; ++r) {
@@ -119,6 +120,7 @@ class RangeSums {
         zk[r] = s * (zk[r] + z[r] * (double(dm[r]) - double(dmr[r])));
         zr[r] *= double(exp_nonpos(dmr[r]));
         zx[r] = s * (zx[r] + z[r] * double(dm[r]));
+        zq[r] *= s * s;
         z[r] *= s;
       }
     } else {
@@ -126,6 +128,7 @@ class RangeSums {
       for (int64_t r = 0; r < n_; ++r) {
         const double s = double(exp_nonpos(dm[r]));
         zx[r] = s * (zx[r] + z[r] * double(dm[r]));
+        zq[r] *= s * s;
         z[r] *= s;
       }
     }
@@ -135,8 +138,10 @@ class RangeSums {
     const T* __restrict m = m_.data();
     T* __restrict bz = bz_.data();
     T* __restrict bzx = bzx_.data();
+    T* __restrict bzq = bzq_.data();
     std::fill(bz, bz + n_, T(0));
     std::fill(bzx, bzx + n_, T(0));
+    std::fill(bzq, bzq + n_, T(0));
     for (int64_t j = jb; j < je; ++j) {
       const T* __restrict col = zb + j * n_;
 #pragma omp simd
@@ -145,6 +150,7 @@ class RangeSums {
         const T e = exp_nonpos(x);
         bz[r] += e;
         bzx[r] += e * x;
+        bzq[r] += e * e;
       }
     }
   }
@@ -156,10 +162,12 @@ class RangeSums {
     T* __restrict bzx = bzx_.data();
     T* __restrict bzr = bzr_.data();
     T* __restrict bzk = bzk_.data();
+    T* __restrict bzq = bzq_.data();
     std::fill(bz, bz + n_, T(0));
     std::fill(bzx, bzx + n_, T(0));
     std::fill(bzr, bzr + n_, T(0));
     std::fill(bzk, bzk + n_, T(0));
+    std::fill(bzq, bzq + n_, T(0));
     for (int64_t j = jb; j < je; ++j) {
       const T* __restrict col = zb + j * n_;
       const T* __restrict colr = zrb + j * n_;
@@ -172,6 +180,7 @@ class RangeSums {
         bzx[r] += e * x;
         bzr[r] += exp_nonpos(xr);
         bzk[r] += e * (x - xr);
+        bzq[r] += e * e;
       }
     }
   }
@@ -180,6 +189,7 @@ class RangeSums {
     for (int64_t r = 0; r < n_; ++r) {
       z_[r] += double(bz_[r]);
       zx_[r] += double(bzx_[r]);
+      zq_[r] += double(bzq_[r]);
     }
     if (!ref_) return;
     for (int64_t r = 0; r < n_; ++r) {
@@ -190,8 +200,8 @@ class RangeSums {
 
   int64_t n_;
   bool ref_;
-  std::vector<T> m_, mr_, dm_, dmr_, bz_, bzx_, bzr_, bzk_;
-  std::vector<double> z_, zx_, zr_, zk_;
+  std::vector<T> m_, mr_, dm_, dmr_, bz_, bzx_, bzr_, bzk_, bzq_;
+  std::vector<double> z_, zx_, zr_, zk_, zq_;
 };
 
 // Row sums over the whole vocabulary: every task sweeps its range, then the partials merge.
@@ -233,6 +243,11 @@ void forward_rows(const ForwardRows<T>& a) {
     a.lse[r] = lse;
     a.logp[r] = T(double(a.logits[y * n + r] * it) - lse);
     if (a.entropy) a.entropy[r] = T(row_entropy(s[r].z, s[r].zx));
+    if (a.logit_grad_norm) {
+      // e_y as the passes summed it: the same shifted logit through the same exp.
+      const double e_y = double(exp_nonpos(T(a.logits[y * n + r] * it - T(s[r].m))));
+      a.logit_grad_norm[r] = T(row_logit_grad_norm(e_y, s[r].z, s[r].zq));
+    }
     if (a.ref_logits == nullptr) continue;
     const double ref_lse = row_lse(s[r].mr, s[r].zr);
     a.ref_lse[r] = ref_lse;

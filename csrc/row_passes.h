@@ -31,6 +31,7 @@ struct ForwardRows {
   double* ref_lse;  // with ref_logits
   T* kl;        // with ref_logits, optional
   T* entropy;   // optional
+  T* logit_grad_norm;  // optional: ||d logp_y / d tempered logits||_2 (adaptive actor coefficient)
 };
 
 template <class T>

@@ -8,6 +8,8 @@
 //   zx_sum = sum e_j x_j                   -> entropy = log z_sum - zx_sum / z_sum
 //   zr_sum = sum er_j                      -> ref_lse = m_r + log zr_sum
 //   zk_sum = sum e_j (x_j - xr_j)          -> KL(p||q) = zk_sum / z_sum - log z_sum + log zr_sum
+//   zq_sum = sum e_j^2                     -> sum_j p_j^2 = zq_sum / z_sum^2 (the adaptive actor
+//                                             coefficient's ||d logp_y / d l|| = sqrt(1 - 2 p_y + sum p^2))
 // Shifting both rows by their own max before differencing keeps KL and entropy free of the
 // cancellation that sum p (l - l_ref) - (lse - ref_lse) suffers when the logits carry large
 // row offsets.
@@ -67,6 +69,19 @@ VIMPO_HD T row_entropy(T z_sum, T zx_sum) { return log(z_sum) - zx_sum / z_sum; 
 template <class T>
 VIMPO_HD T row_kl(T z_sum, T zk_sum, T zr_sum) { return zk_sum / z_sum - log(z_sum) + log(zr_sum); }
 
+// ||d logp_y / d l||_2 = sqrt(1 - 2 p_y + sum_j p_j^2) = sqrt((1 - p_y)^2 + sum_{j != y} p_j^2),
+// from the target's e_y = exp(x_y) (the term the sums hold) and the row sums. As written first
+// it cancels to rounding noise when p_y -> 1 (fp32: ~3e-4 absolute error in a norm of ~1e-6);
+// in the second form 1 - p_y = (z - e_y) / z carries only the sums' rounding, and the
+// sum over j != y, itself a difference, is clamped to [0, (1 - p_y)^2], where it must lie.
+template <class T>
+VIMPO_HD T row_logit_grad_norm(T e_y, T z_sum, T zq_sum) {
+  const T rest = z_sum - e_y;  // sum_{j != y} e_j
+  T rest_sq = zq_sum - e_y * e_y;
+  rest_sq = rest_sq < T(0) ? T(0) : (rest_sq > rest * rest ? rest * rest : rest_sq);
+  return sqrt(rest * rest + rest_sq) / z_sum;
+}
+
 // A row constant c (an lse) kept in fp64 and applied as hi + lo in T. In the backward,
 // logp_j = (l_j - hi) - lo: l_j - hi is exact wherever p_j matters (l_j within a factor 2 of
 // c), so logp_j carries only the logits' own rounding. A single fp32 lse would add ulp(c) / 2
@@ -88,9 +103,10 @@ VIMPO_HD SplitConst<T> split_const(double c) {
 // mr (reference). Merging rescales by exp(old max - new max); the shifted sums also move by
 // the max difference: sum e (x + dm) = zx + z dm. A part with z = 0 is empty (its max may be
 // -inf, so it must not enter the arithmetic). Without a reference, mr/zr/zk are unused.
+// The squares move by the square of the scale: sum (e s)^2 = zq s^2.
 template <class T>
 struct RowSums {
-  T m, z, zx, mr, zr, zk;
+  T m, z, zx, mr, zr, zk, zq;
 };
 
 template <class T>
@@ -108,6 +124,7 @@ VIMPO_HD RowSums<T> merge_row_sums(const RowSums<T>& a, const RowSums<T>& b) {
   o.zx = rescaled(sa, a.zx, a.z, a.m - o.m) + rescaled(sb, b.zx, b.z, b.m - o.m);
   o.zr = a.zr * exp(a.mr - o.mr) + b.zr * exp(b.mr - o.mr);
   o.zk = rescaled(sa, a.zk, a.z, (a.m - o.m) - (a.mr - o.mr)) + rescaled(sb, b.zk, b.z, (b.m - o.m) - (b.mr - o.mr));
+  o.zq = a.zq * sa * sa + b.zq * sb * sb;
   return o;
 }
 

@@ -229,6 +229,36 @@ def test_candidate_set_through_the_public_api():
         fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], kl="exact", topk=3, backend="cpu", **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_logit_grad_norm_matches_reference(dtype, monkeypatch):
+    """||d logp_y / d l|| = sqrt(1 - 2 p_y + sum p^2) from the forward pass's sum of squares,
+    across chunks and the threads' vocabulary split; peaked rows (p_y ~ 1) included."""
+    from vimpo_kernels import fused_linear_logprobs
+    monkeypatch.setattr(_env, "CHUNK_ROWS", 7)
+    p = _problem(33, 16, 301, torch.float64, seed=4)
+    p["hidden"][:5] *= 30  # peaked rows: the norm is a small difference there
+    p["targets"][:5] = (p["hidden"][:5] @ p["weight"].T + p["bias"]).argmax(-1)
+    kw = dict(bias=p["bias"], temperature=0.7, return_logit_grad_norm=True)
+    # Truth without the cancellation of 1 - 2 p_y + sum p^2 (which even in fp64 leaves ~1e-8
+    # noise): (1 - p_y)^2 + sum_{j != y} p_j^2, from the fp64 log-softmax.
+    logp_all = torch.log_softmax((p["hidden"] @ p["weight"].T + p["bias"]) / 0.7, -1)
+    logp_y = logp_all.gather(-1, p["targets"][:, None]).squeeze(-1)
+    others = logp_all.exp().scatter(-1, p["targets"][:, None], 0.0)
+    want = (torch.expm1(logp_y) ** 2 + (others ** 2).sum(-1)).sqrt()
+    torch_backend = fused_linear_logprobs(p["hidden"], p["weight"], p["targets"], backend="torch", **kw)
+    assert _rel(torch_backend.logit_grad_norm, want) <= 1e-7  # the reference formula, up to that noise
+    got = fused_linear_logprobs(p["hidden"].to(dtype), p["weight"].to(dtype), p["targets"], backend="cpu",
+                                **{**kw, "bias": p["bias"].to(dtype)}).logit_grad_norm
+    away = want > 0.1
+    assert _rel(got[away], want[away]) <= RTOL[dtype]
+    # Peaked rows: the kernel has 1 - p_y to the sums' rounding, but sum_{j != y} p_j^2 only as
+    # a clamped difference, so G is within a factor sqrt(2) once (1 - p_y)^2 is below rounding:
+    # at most 0.42 sqrt(eps) absolute. (The reference formula in fp32 gives 0 there.)
+    assert _rel(got, want) <= torch.finfo(dtype).eps ** 0.5
+    peaked = want[:5] > 1e-12
+    assert ((got[:5][peaked] - want[:5][peaked]).abs() <= 0.42 * want[:5][peaked]).all(), (got[:5], want[:5])
+
+
 def test_fully_masked_rows_are_zero_and_get_no_gradient():
     p = _problem(4 * 6, 20, 150, torch.float64)
     hidden = p["hidden"].reshape(4, 6, 20).clone().requires_grad_()

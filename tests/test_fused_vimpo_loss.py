@@ -106,6 +106,27 @@ def test_cpu_backend_matches_reference(name, policy, dtype):
     assert got_grads["hidden"].dtype == dtype and got_grads["weight"].dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_adaptive_actor_coeff_on_the_cpu_backend(dtype):
+    """The adaptive coefficient needs ||d logp / d logits|| per token: the cpu kernels form it
+    from sum_j p_j^2 in the forward pass; two steps carry the EMA state. c_A is float32 in the
+    authors' code, hence 1e-6 for it and for everything it scales."""
+    from vimpo_kernels.vimpo_loss import AdaptiveCoeffState
+    config = VIMPOConfig(beta=0.05, adaptive_actor_coeff=True, adaptive_ema_decay=0.5)
+    states = {"cpu": AdaptiveCoeffState(), "torch": AdaptiveCoeffState()}
+    p64 = _problem(torch.float64)
+    old = _old_logprobs(p64, config)
+    for step in range(2):
+        want_loss, want_grads, want_metrics = _run(p64, "torch", config, old, adaptive_state=states["torch"])
+        got_loss, got_grads, got_metrics = _run(_problem(dtype), "cpu", config, old, adaptive_state=states["cpu"])
+        rtol = 1e-6 if dtype == torch.float64 else FP32_RTOL
+        errs = {"loss": rel_err(got_loss, want_loss), "c_A": rel_err(got_metrics["actor_coeff"],
+                                                                    want_metrics["actor_coeff"]),
+                **{f"d_{k}": rel_err(got_grads[k], want_grads[k]) for k in want_grads}}
+        assert all(v <= rtol for v in errs.values()), (step, errs)
+    assert float(got_metrics["actor_coeff"]) != config.actor_coeff
+
+
 def test_bf16_within_twice_torch_error():
     """bf16 inputs: the compiled loss and gradients stay within 2x of what the torch
     backend achieves on the same bf16 inputs, both against the fp32-upcast truth."""

@@ -18,6 +18,8 @@ class TokenStats:
     ref_lse:      log-sum-exp of the tempered reference logits
     kl:           KL(pi(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary (differentiable)
     entropy:      H(pi(.|s_t))                                   (differentiable)
+    logit_grad_norm: ||d logp(y_t) / d l||_2 over the tempered logits (constant; the adaptive
+                  actor coefficient's G_t, spec section 11)
     """
 
     logprobs: torch.Tensor
@@ -26,6 +28,7 @@ class TokenStats:
     ref_lse: Optional[torch.Tensor] = None
     kl: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    logit_grad_norm: Optional[torch.Tensor] = None
 
     def map(self, fn) -> "TokenStats":
         """Apply `fn` to every present field (e.g. a reshape)."""

@@ -23,12 +23,12 @@ constexpr int kThreads = 256;
 // Accumulation type: fp32 for fp32, fp64 for fp64 (as on the CPU, up to the fp64 block merge).
 template <class T>
 __device__ RowSums<T> thread_sums(const T* z, const T* zr, int64_t vocab, T it) {
-  RowSums<T> s{T(0), T(0), T(0), T(0), T(0), T(0)};
+  RowSums<T> s{T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const T l = z[j] * it;
     const T lr = zr ? zr[j] * it : T(0);
     // A one-entry part: max = the entry itself, so x = 0 and e = 1.
-    const RowSums<T> one{l, T(1), T(0), lr, zr ? T(1) : T(0), T(0)};
+    const RowSums<T> one{l, T(1), T(0), lr, zr ? T(1) : T(0), T(0), T(1)};
     s = merge_row_sums(s, one);
   }
   return s;
@@ -60,6 +60,7 @@ __global__ void forward_kernel(ForwardRows<T> a) {
   a.lse[r] = lse;
   a.logp[r] = T(double(z[y] * a.inv_temp) - lse);
   if (a.entropy) a.entropy[r] = row_entropy(s.z, s.zx);
+  if (a.logit_grad_norm) a.logit_grad_norm[r] = row_logit_grad_norm(exp_nonpos(z[y] * a.inv_temp - s.m), s.z, s.zq);
   if (!zr) return;
   const double ref_lse = double(s.mr) + log(double(s.zr));
   a.ref_lse[r] = ref_lse;

@@ -27,6 +27,7 @@ def fused_linear_logprobs(
     kl: Optional[str] = None,
     topk: int = 0,
     return_entropy: bool = False,
+    return_logit_grad_norm: bool = False,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> TokenStats:
@@ -48,6 +49,8 @@ def fused_linear_logprobs(
             not on the triton backend).
         topk: the candidate-set size (capped at V); only with kl="candidate_set".
         return_entropy: also return H(pi).
+        return_logit_grad_norm: also return ||d logp / d logits||_2 per token (a constant; the
+            adaptive actor coefficient's G_t; not on the triton backend).
         mask: optional bool (N,) / (B, T): only rows with mask=1 are computed; the others
             get 0 in every output (padding costs nothing).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
@@ -75,11 +78,11 @@ def fused_linear_logprobs(
         rh2 = rh2 if rh2 is not None else h2.detach()
         ref_weight = ref_weight if ref_weight is not None else weight.detach()
     name = _backends.resolve_backend(backend, hidden.device)
-    if name == "triton" and kl == "candidate_set" and backend == "auto":
-        # The Triton kernels have no top-k; "auto" takes the next backend that has one.
+    if name == "triton" and (kl == "candidate_set" or return_logit_grad_norm) and backend == "auto":
+        # The Triton kernels have neither top-k nor sum p^2; "auto" takes the next backend.
         name = "cuda" if _backends.backend_status()["cuda"][0] else "torch"
     stats = _IMPLS[name](h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature),
-                         kl is not None, bool(return_entropy), topk)
+                         kl is not None, bool(return_entropy), topk, bool(return_logit_grad_norm))
     if rows is not None:
         n_all = targets.numel()
         stats = stats.map(lambda x: x.new_zeros(n_all).index_put((rows,), x))
@@ -87,11 +90,12 @@ def fused_linear_logprobs(
 
 
 def _torch_impl(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
-                want_entropy, topk=0) -> TokenStats:
+                want_entropy, topk=0, want_grad_norm=False) -> TokenStats:
     kl = ("candidate_set" if topk else "exact") if want_kl else None
     return linear_logprobs_reference(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                      ref_weight=ref_weight, ref_bias=ref_bias, temperature=temperature,
-                                     kl=kl, topk=topk, return_entropy=want_entropy)
+                                     kl=kl, topk=topk, return_entropy=want_entropy,
+                                     return_logit_grad_norm=want_grad_norm)
 
 
 def _lazy(module: str, fn: str):
@@ -102,8 +106,8 @@ def _lazy(module: str, fn: str):
 
 
 # Each backend: (hidden (N,H), weight (V,H), targets (N,) int64, bias, ref_hidden (N,H) | None,
-# ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk) -> TokenStats of (N,);
-# topk > 0: the KL is the candidate-set KL.
+# ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk, want_grad_norm) ->
+# TokenStats of (N,); topk > 0: the KL is the candidate-set KL.
 _IMPLS = {
     "torch": _torch_impl,
     "triton": _lazy(".triton_function", "triton_linear_token_stats"),

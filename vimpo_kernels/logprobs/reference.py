@@ -77,8 +77,10 @@ def linear_logprobs_reference(
     kl: Optional[str] = None,
     topk: int = 0,
     return_entropy: bool = False,
+    return_logit_grad_norm: bool = False,
 ) -> TokenStats:
-    """`token_stats_from_logits` of `hidden @ weight.T + bias`, materialising N x V logits.
+    """`token_stats_from_logits` of `hidden @ weight.T + bias`, materialising N x V logits;
+    `return_logit_grad_norm` adds `logit_grad_norm` (a constant).
 
     Low-precision inputs are multiplied in float32 (what a fused kernel accumulates in).
     """
@@ -88,8 +90,11 @@ def linear_logprobs_reference(
     if ref_hidden is not None or ref_weight is not None:
         ref_logits = _linear(ref_hidden if ref_hidden is not None else hidden,
                              ref_weight if ref_weight is not None else weight, ref_bias, compute)
-    return token_stats_from_logits(logits, targets, ref_logits=ref_logits, temperature=temperature,
-                                   kl=kl, topk=topk, return_entropy=return_entropy)
+    stats = token_stats_from_logits(logits, targets, ref_logits=ref_logits, temperature=temperature,
+                                    kl=kl, topk=topk, return_entropy=return_entropy)
+    if return_logit_grad_norm:
+        stats.logit_grad_norm = logit_grad_norm(logits, targets, temperature)
+    return stats
 
 
 def _linear(h, w, b, dtype):

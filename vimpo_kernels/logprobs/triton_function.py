@@ -32,7 +32,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                              want_kl, want_entropy, topk=0) -> TokenStats:
+                              want_kl, want_entropy, topk=0, want_grad_norm=False) -> TokenStats:
     """Token statistics of `hidden @ weight.T (+ bias)` (N rows) with the Triton kernels.
 
     Inputs as validated by `fused_linear_logprobs`: hidden (N, H), weight (V, H), targets (N,)
@@ -42,6 +42,9 @@ def triton_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_wei
     """
     if topk:
         raise ValueError("kl='candidate_set' is not implemented by the triton backend; use backend='cuda', "
+                         "'cpu' or 'torch'")
+    if want_grad_norm:
+        raise ValueError("return_logit_grad_norm is not implemented by the triton backend; use backend='cuda', "
                          "'cpu' or 'torch'")
     _check_operands(hidden, weight, bias, "hidden", "weight", "bias")
     has_ref = ref_weight is not None

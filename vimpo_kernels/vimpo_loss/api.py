@@ -16,7 +16,6 @@ import torch
 from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
 from .. import _backends
-from ..logprobs.reference import linear_logprobs_reference, logit_grad_norm
 from .compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
 from .reference import vimpo_loss
 from ..validate import check_mask, check_tensor
@@ -85,14 +84,17 @@ def fused_vimpo_loss(
             rollout_is_weights=rollout_is_weights, config=config, backend=backend, **loss_kwargs)
     kl = config.kl_estimator if config.needs_exact_kl else None
     valid = mask.bool()
+    # The adaptive actor coefficient weighs tokens by ||d logp / d logits|| (spec section 11); the
+    # kernels form it from one more running sum (sum_j p_j^2) in the same pass.
+    want_grad_norm = config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs
     stats = fused_linear_logprobs(
         hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         temperature=config.temperature, kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
-        mask=valid, backend=backend)
+        return_logit_grad_norm=want_grad_norm, mask=valid, backend=backend)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
-    if config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs:
-        loss_kwargs["logit_grad_norm"] = _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend)
+    if want_grad_norm:
+        loss_kwargs["logit_grad_norm"] = stats.logit_grad_norm
     epilogue = vimpo_loss
     if _compiled_epilogue_applies(backend, hidden.device, config, loss_kwargs):
         epilogue = compiled_vimpo_loss
@@ -102,14 +104,14 @@ def fused_vimpo_loss(
 
 
 _COMPILED_EPILOGUE_KWARGS = {"baseline", "value_norm_denom", "num_tokens", "num_sequences", "process_group",
-                             "return_details"}
+                             "return_details", "logit_grad_norm", "adaptive_state"}
 
 
 def _compiled_epilogue_applies(backend: str, device: torch.device, config: VIMPOConfig, loss_kwargs) -> bool:
     """The sequence epilogue runs the compiled kernels (csrc/epilogue_math.h) for the "cpu" and
     "cuda" backends, and for "triton" when the extension has CUDA (the epilogue is O(B*T); one
-    implementation per device is enough). The reference epilogue serves "torch", the soft value
-    type and the adaptive actor coefficient."""
+    implementation per device is enough). The reference epilogue serves "torch" and the soft
+    value type."""
     resolved = _backends.resolve_backend(backend, device)
     if resolved == "torch" or compiled_epilogue_supports(config) is not None:
         return False
@@ -119,16 +121,3 @@ def _compiled_epilogue_applies(backend: str, device: torch.device, config: VIMPO
     if ext is None:
         return False
     return device.type == "cpu" or (device.type == "cuda" and ext.built_with_cuda())
-
-
-def _logit_grad_norm(hidden, weight, bias, targets, valid, config, backend):
-    """Per-token ||d logp / d logits||_2 for the adaptive actor coefficient. It needs sum_j p_j^2
-    over the vocabulary, which only the reference computes today."""
-    if _backends.resolve_backend(backend, hidden.device) != "torch":
-        raise ValueError("adaptive_actor_coeff=True needs the per-token logit-gradient norm, which the fused "
-                         "backends do not compute yet: pass logit_grad_norm=... or use backend='torch'")
-    with torch.no_grad():
-        logits = hidden.float() @ weight.float().T
-        if bias is not None:
-            logits = logits + bias.float()
-        return logit_grad_norm(logits, targets.masked_fill(~valid, 0), config.temperature).masked_fill(~valid, 0.0)

@@ -21,7 +21,8 @@ from .. import _backends
 from ..config import VIMPOConfig
 from ..logprobs.compiled_function import aggregation_weights
 from ..validate import check_loss_inputs
-from .reference import _masked_mean, _token_kl, _value_loss, group_mean, whiten_stats
+from .reference import (AdaptiveCoeffState, _actor_coeff, _masked_mean, _token_kl, _value_loss, group_mean,
+                        ppo_actor_loss, whiten_stats)
 
 _ESTIMATOR_CODE = {"exact": 0, "candidate_set": 0, "k2": 2, "k3": 3}
 
@@ -32,8 +33,6 @@ def compiled_epilogue_supports(config: VIMPOConfig) -> Optional[str]:
         return "the GRPO family has its own forward-gradient path"
     if config.value_type != "raw":
         return "value_type='soft' (experimental) runs the reference epilogue"
-    if config.adaptive_actor_coeff:
-        return "adaptive_actor_coeff needs per-token logit-gradient norms (reference only)"
     return None
 
 
@@ -73,19 +72,21 @@ def compiled_vimpo_loss(
     config: Optional[VIMPOConfig] = None,
     baseline: Optional[torch.Tensor] = None,
     value_norm_denom: Optional[float] = None,
+    logit_grad_norm: Optional[torch.Tensor] = None,
+    adaptive_state: Optional[AdaptiveCoeffState] = None,
     num_tokens: Optional[float] = None,
     num_sequences: Optional[float] = None,
     process_group=None,
     return_details: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """`vimpo_loss` (raw value type, fixed actor coefficient) through the compiled epilogue
-    kernels, on the device of `logprobs` (CPU, or CUDA when the extension has CUDA)."""
+    """`vimpo_loss` (raw value type) through the compiled epilogue kernels, on the device of
+    `logprobs` (CPU, or CUDA when the extension has CUDA)."""
     config = config or VIMPOConfig()
     why = compiled_epilogue_supports(config)
     if why is not None:
         raise ValueError(f"compiled epilogue: {why}")
     check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids, old_logprobs,
-                      rollout_is_weights, baseline, None, None, None, config)
+                      rollout_is_weights, baseline, None, None, logit_grad_norm, config)
     ext, dt = _ext(), logprobs.dtype
     m = mask.to(dt)
     valid = m > 0
@@ -114,14 +115,19 @@ def compiled_vimpo_loss(
     else:
         mean, rstd = 0.0, 1.0
     agg_w = aggregation_weights(mask, config, num_tokens, num_sequences, torch.float64)
+    actor_coeff, adaptive_rms = config.actor_coeff, None
+    if config.adaptive_actor_coeff:
+        actor_coeff, adaptive_rms = _adaptive_actor_coeff(
+            logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual, logit_grad_norm,
+            adaptive_state, num_tokens, num_sequences, process_group, config)
 
     want_g_kl = est == 0 and not config.detach_kl
     adv, g_logp, g_kl, sums = ext.vimpo_epilogue_tokens(
         lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq),
-        config.beta, est, config.detach_kl, config.whiten_adv, mean, rstd, config.actor_coeff,
+        config.beta, est, config.detach_kl, config.whiten_adv, mean, rstd, actor_coeff,
         config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c, want_g_kl)
     pg_loss = sums[:, 0].sum().to(dt)
-    loss_value = (value_loss.detach() + config.actor_coeff * pg_loss).to(dt)
+    loss_value = (value_loss.detach() + actor_coeff * pg_loss).to(dt)
     loss = _EpilogueLoss.apply(logprobs, token_kl if want_g_kl else None, loss_value, g_logp.to(dt),
                                g_kl.to(dt) if want_g_kl else None)
 
@@ -134,7 +140,7 @@ def compiled_vimpo_loss(
         "value_loss": value_loss,
         "value_loss_raw": value_loss_raw,
         "actor_loss": pg_loss,
-        "actor_coeff": torch.as_tensor(config.actor_coeff, dtype=dt),
+        "actor_coeff": torch.as_tensor(actor_coeff, dtype=dt),
         "residual_rms": residual.pow(2).mean().sqrt(),
         "seq_value_mean": seq_value.to(dt).mean(),
         "target_mean": target.mean(),
@@ -146,6 +152,8 @@ def compiled_vimpo_loss(
         "clip_frac_lower": sums[:, 2].sum().to(dt) / n_valid,
         "ppo_kl": sums[:, 3].sum().to(dt) / n_valid,
     }
+    if adaptive_rms is not None:
+        metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
     metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
     if return_details:
         _, neg_values, _ = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
@@ -155,3 +163,17 @@ def compiled_vimpo_loss(
             "target": target.detach(), "residual": residual, "values": -neg_values.to(dt), "adv_raw": adv_raw,
             "adv": adv}
     return loss, metrics
+
+
+def _adaptive_actor_coeff(logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual,
+                          logit_grad_norm, state, num_tokens, num_sequences, process_group, config: VIMPOConfig):
+    """c_A of section 11, by the reference's own `_actor_coeff`. It needs the whitened advantage,
+    the ratio and the active-token mask before the token pass, so they are formed here with
+    the reference's vectorised PPO function (O(B*T), no scan)."""
+    dt = logprobs.dtype
+    with torch.no_grad():
+        adv = ((adv_raw - mean) * rstd if config.whiten_adv else adv_raw).to(dt) * m
+        _, _, ratio, active = ppo_actor_loss(logprobs.detach(), old_logprobs, adv, m, valid, rollout_is_weights,
+                                             num_tokens, num_sequences, config)
+    return _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
+                        num_sequences, process_group, config)
