@@ -51,3 +51,26 @@ def test_import_survives_a_broken_extension():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout and "could not be imported" in out.stderr
+
+
+def test_selftest_passes_every_path_on_cpu():
+    from vimpo_kernels import selftest
+    from vimpo_kernels._backends import extension
+    if extension() is None:
+        pytest.skip("the compiled extension is not built")
+    results = selftest("cpu", verbose=False)
+    assert results["cpu"] == "pass", results
+    assert results["cuda"].startswith("unavailable") and results["triton"].startswith("unavailable")
+
+
+def test_selftest_reports_a_wrong_backend(monkeypatch):
+    """A backend whose log-probs are off by 1% must be reported, naming the failing paths."""
+    from vimpo_kernels import selftest
+    from vimpo_kernels._backends import extension
+    from vimpo_kernels.logprobs import api
+    if extension() is None:
+        pytest.skip("the compiled extension is not built")
+    right = api._IMPLS["cpu"]
+    monkeypatch.setitem(api._IMPLS, "cpu", lambda *a: right(*a).map(lambda x: x * 1.01))
+    result = selftest("cpu", verbose=False)["cpu"]
+    assert result.startswith("FAIL") and "vimpo:" in result and "dapo" not in result, result

@@ -40,14 +40,28 @@ def _loss_and_grads(backend, tensors, config):
     return loss.detach().double(), hidden.grad.double(), weight.grad.double()
 
 
+# The paths a backend can take: the paper recipe (exact KL, detached); a KL that carries a
+# gradient (the reference logits recomputed in backward) with a temperature; the candidate-set
+# KL; and the GRPO family's forward-gradient path.
+_CONFIGS = {
+    "vimpo": VIMPOConfig(beta=0.05, actor_coeff=0.1),
+    "vimpo-kl-grad": VIMPOConfig(beta=0.05, actor_coeff=0.1, detach_kl=False, temperature=0.7),
+    "vimpo-candidate-set": VIMPOConfig(beta=0.05, actor_coeff=0.1, kl_estimator="candidate_set",
+                                       candidate_kl_topk=8, detach_kl=False),
+    "dapo": VIMPOConfig.for_algorithm("dapo"),
+}
+_NOT_ON = {"triton": {"vimpo-candidate-set"}}  # the Triton kernels have no top-k
+
+
 def selftest(device: Optional[str] = None, verbose: bool = True) -> dict[str, str]:
-    """Compare every available backend with the float64 reference on `device`.
+    """Compare every available backend with the float64 reference on `device`, for each path
+    a backend can take (`_CONFIGS`).
 
     Returns {backend: "pass" | "FAIL: ..." | "unavailable: ..."} and prints a line per backend.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = VIMPOConfig(beta=0.05, actor_coeff=0.1)
-    truth = _loss_and_grads("torch", _problem(device, torch.float64), config)
+    truths = {name: _loss_and_grads("torch", _problem(device, torch.float64), config)
+              for name, config in _CONFIGS.items()}
     results = {}
     for backend, (ok, why) in backend_status().items():
         if backend == "torch":
@@ -55,15 +69,21 @@ def selftest(device: Optional[str] = None, verbose: bool = True) -> dict[str, st
         if not ok:
             results[backend] = f"unavailable: {why}"
             continue
-        try:
-            got = _loss_and_grads(backend, _problem(device, torch.float32), config)
-            # fp32 kernels against a float64 truth: errors are a few ulp of fp32 times the
-            # reduction depth; 1e-4 relative is far above that and far below any real bug.
-            errs = [float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(got, truth)]
-            worst = max(errs)
-            results[backend] = "pass" if worst < 1e-4 else f"FAIL: max relative error {worst:.2e}"
-        except Exception as exc:  # report, don't crash: the point is to tell the user what works
-            results[backend] = f"FAIL: {type(exc).__name__}: {exc}"
+        failures = []
+        for name, config in _CONFIGS.items():
+            if name in _NOT_ON.get(backend, ()):
+                continue
+            try:
+                got = _loss_and_grads(backend, _problem(device, torch.float32), config)
+                # fp32 kernels against a float64 truth: errors are a few ulp of fp32 times the
+                # reduction depth; 1e-4 relative is far above that and far below any real bug.
+                worst = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                            for a, b in zip(got, truths[name]))
+                if not worst < 1e-4:
+                    failures.append(f"{name}: max relative error {worst:.2e}")
+            except Exception as exc:  # report, don't crash: the point is to tell the user what works
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+        results[backend] = "pass" if not failures else "FAIL: " + "; ".join(failures)
     if verbose:
         for backend, res in results.items():
             print(f"vimpo_kernels selftest [{device}] {backend:7s} {res}")
