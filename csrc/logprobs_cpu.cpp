@@ -69,9 +69,13 @@ class RangeSums {
       const int64_t je = std::min(j1, jb + kBlock);
       raise_maxima(z, jb, je, it, m_.data(), dm_.data());
       if (ref_) raise_maxima(zr, jb, je, it, mr_.data(), dmr_.data());
-      rescale_running_sums();
-      if (ref_) block_sums_with_ref(z, zr, jb, je, it);
-      else block_sums(z, jb, je, it);
+      if (ref_) {
+        rescale_running_sums<true>();
+        block_sums<true>(z, zr, jb, je, it);
+      } else {
+        rescale_running_sums<false>();
+        block_sums<false>(z, nullptr, jb, je, it);
+      }
       add_block_sums();
     }
     for (int64_t r = 0; r < n_; ++r)
@@ -104,7 +108,9 @@ class RangeSums {
   }
 
   // Sums relative to an old maximum move to the new one: z' = s z, sum e x' = s (zx + z dm),
-  // sum e (x - xr)' = s (zk + z (dm - dmr)), with s = exp(dm). dm = 0 gives s = 1 exactly.
+  // sum e (x - xr)' = s (zk + z (dm - dmr)), sum e^2' = s^2 zq, with s = exp(dm). dm = 0 gives
+  // s = 1 exactly.
+  template <bool kRef>
   void rescale_running_sums() {
     const T* __restrict dm = dm_.data();
     const T* __restrict dmr = dmr_.data();
@@ -113,49 +119,22 @@ class RangeSums {
     double* __restrict zr = zr_.data();
     double* __restrict zk = zk_.data();
     double* __restrict zq = zq_.data();
-    if (ref_) {
 #pragma omp simd
-      for (int64_t r = 0; r < n_; ++r) {
-        const double s = double(exp_nonpos(dm[r]));
+    for (int64_t r = 0; r < n_; ++r) {
+      const double s = double(exp_nonpos(dm[r]));
+      if constexpr (kRef) {
         zk[r] = s * (zk[r] + z[r] * (double(dm[r]) - double(dmr[r])));
         zr[r] *= double(exp_nonpos(dmr[r]));
-        zx[r] = s * (zx[r] + z[r] * double(dm[r]));
-        zq[r] *= s * s;
-        z[r] *= s;
       }
-    } else {
-#pragma omp simd
-      for (int64_t r = 0; r < n_; ++r) {
-        const double s = double(exp_nonpos(dm[r]));
-        zx[r] = s * (zx[r] + z[r] * double(dm[r]));
-        zq[r] *= s * s;
-        z[r] *= s;
-      }
+      zx[r] = s * (zx[r] + z[r] * double(dm[r]));
+      zq[r] *= s * s;
+      z[r] *= s;
     }
   }
 
-  void block_sums(const T* zb, int64_t jb, int64_t je, T it) {
-    const T* __restrict m = m_.data();
-    T* __restrict bz = bz_.data();
-    T* __restrict bzx = bzx_.data();
-    T* __restrict bzq = bzq_.data();
-    std::fill(bz, bz + n_, T(0));
-    std::fill(bzx, bzx + n_, T(0));
-    std::fill(bzq, bzq + n_, T(0));
-    for (int64_t j = jb; j < je; ++j) {
-      const T* __restrict col = zb + j * n_;
-#pragma omp simd
-      for (int64_t r = 0; r < n_; ++r) {
-        const T x = col[r] * it - m[r];
-        const T e = exp_nonpos(x);
-        bz[r] += e;
-        bzx[r] += e * x;
-        bzq[r] += e * e;
-      }
-    }
-  }
-
-  void block_sums_with_ref(const T* zb, const T* zrb, int64_t jb, int64_t je, T it) {
+  // The block's sums relative to the (new) running maxima, one exp per logit (two with kRef).
+  template <bool kRef>
+  void block_sums(const T* zb, const T* zrb, int64_t jb, int64_t je, T it) {
     const T* __restrict m = m_.data();
     const T* __restrict mr = mr_.data();
     T* __restrict bz = bz_.data();
@@ -163,24 +142,22 @@ class RangeSums {
     T* __restrict bzr = bzr_.data();
     T* __restrict bzk = bzk_.data();
     T* __restrict bzq = bzq_.data();
-    std::fill(bz, bz + n_, T(0));
-    std::fill(bzx, bzx + n_, T(0));
-    std::fill(bzr, bzr + n_, T(0));
-    std::fill(bzk, bzk + n_, T(0));
-    std::fill(bzq, bzq + n_, T(0));
+    for (T* b : {bz, bzx, bzr, bzk, bzq}) std::fill(b, b + n_, T(0));
     for (int64_t j = jb; j < je; ++j) {
       const T* __restrict col = zb + j * n_;
-      const T* __restrict colr = zrb + j * n_;
+      const T* __restrict colr = kRef ? zrb + j * n_ : nullptr;
 #pragma omp simd
       for (int64_t r = 0; r < n_; ++r) {
         const T x = col[r] * it - m[r];
-        const T xr = colr[r] * it - mr[r];
         const T e = exp_nonpos(x);
         bz[r] += e;
         bzx[r] += e * x;
-        bzr[r] += exp_nonpos(xr);
-        bzk[r] += e * (x - xr);
         bzq[r] += e * e;
+        if constexpr (kRef) {
+          const T xr = colr[r] * it - mr[r];
+          bzr[r] += exp_nonpos(xr);
+          bzk[r] += e * (x - xr);
+        }
       }
     }
   }

@@ -18,6 +18,7 @@ from helpers import random_batch
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
+from vimpo_kernels.vimpo_loss.compiled_epilogue import compiled_vimpo_loss
 
 LENGTHS, GROUPS = [5, 1, 3, 4, 2, 5], [0, 0, 1, 1, 2, 2]
 CONFIGS = {
@@ -26,13 +27,29 @@ CONFIGS = {
                                        huber_delta=0.05),
     "dapo": VIMPOConfig.for_algorithm("dapo", kl_loss_coeff=0.05),
 }
+# The compiled epilogue (csrc/epilogue_math.h) takes the same step-level arguments and does
+# its own all-reduce of the whitening statistics: the same equivalence must hold through it.
+CONFIGS.update({f"{name}@compiled": cfg for name, cfg in CONFIGS.items() if not cfg.is_grpo_family})
+
+
+def _epilogue(name):
+    if not name.endswith("@compiled"):
+        return vimpo_loss
+    if not _has_extension():
+        pytest.skip("the compiled extension is not built")
+    return compiled_vimpo_loss
+
+
+def _has_extension():
+    from vimpo_kernels._backends import extension
+    return extension() is not None
 
 
 def _batch():
     return random_batch(LENGTHS, GROUPS, V=11, seed=5, rewards=[1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
 
 
-def _loss_grad(b, rows, cfg, process_group=None, global_counts=False):
+def _loss_grad(b, rows, cfg, process_group=None, global_counts=False, epilogue=vimpo_loss):
     logits = b.logits[rows].clone().requires_grad_()
     kl = "exact" if cfg.needs_exact_kl else None
     stats = token_stats_from_logits(logits, b.targets[rows], ref_logits=b.ref_logits[rows], kl=kl)
@@ -45,8 +62,8 @@ def _loss_grad(b, rows, cfg, process_group=None, global_counts=False):
             kw["advantages"] = grpo_advantages(b.rewards, b.group_ids, norm_by_std=True)[rows]
         else:
             kw["baseline"] = group_mean(b.rewards, b.group_ids)[rows]
-    loss, _ = vimpo_loss(stats.logprobs, stats.ref_logprobs, stats.kl, b.mask[rows], b.rewards[rows],
-                         b.group_ids[rows], old_logprobs=b.old_logprobs[rows], config=cfg, **kw)
+    loss, _ = epilogue(stats.logprobs, stats.ref_logprobs, stats.kl, b.mask[rows], b.rewards[rows],
+                       b.group_ids[rows], old_logprobs=b.old_logprobs[rows], config=cfg, **kw)
     loss.backward()
     return loss.detach(), logits.grad
 
@@ -56,7 +73,8 @@ def _worker(rank, world, init_file, out_dir, name):
     try:
         b = _batch()
         rows = torch.arange(len(LENGTHS))[rank::world]
-        loss, grad = _loss_grad(b, rows, CONFIGS[name], process_group=dist.group.WORLD, global_counts=True)
+        loss, grad = _loss_grad(b, rows, CONFIGS[name], process_group=dist.group.WORLD, global_counts=True,
+                                epilogue=_epilogue(name))
         torch.save({"loss": loss, "grad": grad, "rows": rows}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -66,7 +84,7 @@ def _worker(rank, world, init_file, out_dir, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_ranks_equal_one_process(name):
     b = _batch()
-    whole_loss, whole_grad = _loss_grad(b, torch.arange(len(LENGTHS)), CONFIGS[name])
+    whole_loss, whole_grad = _loss_grad(b, torch.arange(len(LENGTHS)), CONFIGS[name], epilogue=_epilogue(name))
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, os.path.join(d, "init"), d, name), nprocs=2, join=True)
         parts = [torch.load(os.path.join(d, f"{r}.pt"), weights_only=True) for r in range(2)]
@@ -78,7 +96,7 @@ def test_two_ranks_equal_one_process(name):
     assert float((grad - whole_grad).abs().max()) <= 1e-12 * float(whole_grad.abs().max())
 
 
-@pytest.mark.parametrize("name", ["vimpo", "dapo"])
+@pytest.mark.parametrize("name", ["vimpo", "vimpo@compiled", "dapo"])
 def test_gradient_accumulation_half_batches(name):
     """Two micro-batches with global normalisers accumulate to the whole-batch gradient when
     the advantage statistics do not depend on the split (no whitening; GRPO advantages from
@@ -87,11 +105,11 @@ def test_gradient_accumulation_half_batches(name):
     if not cfg.is_grpo_family:
         cfg = cfg.replace(whiten_adv=False)
     b = _batch()
-    whole_loss, whole_grad = _loss_grad(b, torch.arange(len(LENGTHS)), cfg)
+    whole_loss, whole_grad = _loss_grad(b, torch.arange(len(LENGTHS)), cfg, epilogue=_epilogue(name))
     grad = torch.zeros_like(whole_grad)
     loss = 0.0
     for rows in (torch.arange(0, 3), torch.arange(3, 6)):
-        l, g = _loss_grad(b, rows, cfg, global_counts=True)
+        l, g = _loss_grad(b, rows, cfg, global_counts=True, epilogue=_epilogue(name))
         loss = loss + l
         grad[rows] = g
     assert abs(float(loss - whole_loss)) <= 1e-12 * abs(float(whole_loss))
