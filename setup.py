@@ -37,7 +37,7 @@ def _extensions():
     std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) \
         else "-std=c++17"
     # -fno-trapping-math: GCC keeps a float compare that could trap (NaN) as a branch, and the
-    # clamp in token_math.h `exp_nonpos` then blocks vectorization of every row pass (~3x
+    # clamp in token_math.h `exp_nonpos` then blocks vectorization of every row pass (3-5x
     # slower). Nothing here reads floating-point exception flags.
     cxx = ["-O3", std, "-fopenmp", "-fno-trapping-math"]
     if _flag("VIMPO_CPU_NATIVE", "1"):
