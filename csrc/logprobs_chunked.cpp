@@ -102,6 +102,20 @@ struct Head {
       if (bias.defined()) out.add_(bias);
     }
   }
+
+  // Logits of `rows` (n, H) at the vocabulary ids idx (n, K) only: (n, K). K dot products per
+  // row, one id column at a time (an n x H temporary) -- 2 n K H flops instead of the 2 n V H
+  // of a full chunk GEMM when only K entries per row are needed.
+  Tensor logits_at(const Tensor& rows, const Tensor& idx) const {
+    Tensor out = at::empty(idx.sizes(), rows.options());
+    for (int64_t k = 0; k < idx.size(1); ++k) {
+      const Tensor ids = idx.select(1, k);
+      Tensor col = (rows * weight.index_select(0, ids)).sum(1);
+      if (bias.defined()) col.add_(bias.index_select(0, ids));
+      out.select(1, k).copy_(col);
+    }
+    return out;
+  }
 };
 
 // A contiguous view of the first n rows' worth of a reused chunk buffer, in the passes' layout.
@@ -151,20 +165,25 @@ struct Candidates {
   Tensor p;           // (n, K) fp64 policy probabilities
 };
 
-Candidates candidates_of(const Tensor& z, const Tensor& zr, const Tensor& known_idx, int64_t k, bool vocab_major,
-                         double inv_temp, const Tensor& lse, const Tensor& ref_lse) {
-  const int64_t dim = vocab_major ? 0 : 1;
-  Tensor idx = known_idx.defined() ? (vocab_major ? known_idx.t() : known_idx)
-                                   : std::get<1>(at::topk(z, k, dim, /*largest=*/true, /*sorted=*/false));
-  auto tempered = [&](const Tensor& logits) {
-    // The tempered logit in the compute dtype, as the row passes form it, then fp64.
-    Tensor g = logits.gather(dim, idx).mul(inv_temp).to(at::kDouble);
-    return vocab_major ? g.t() : g;
-  };
+// The K largest logits of each row of a chunk buffer, as (n, K) ids.
+Tensor top_ids(const Tensor& z, int64_t k, bool vocab_major) {
+  const Tensor idx = std::get<1>(at::topk(z, k, vocab_major ? 0 : 1, /*largest=*/true, /*sorted=*/false));
+  return (vocab_major ? idx.t() : idx).contiguous();
+}
+
+// The raw logits of a chunk buffer at the (n, K) ids, as (n, K).
+Tensor logits_of_buffer(const Tensor& z, const Tensor& idx, bool vocab_major) {
+  return vocab_major ? z.gather(0, idx.t()).t() : z.gather(1, idx);
+}
+
+// `z_k`, `zr_k`: the raw policy and reference logits at `idx`. They are tempered in the compute
+// dtype, as the row passes form them, then taken to fp64 against the fp64 lse's.
+Candidates candidates_of(const Tensor& idx, const Tensor& z_k, const Tensor& zr_k, double inv_temp,
+                         const Tensor& lse, const Tensor& ref_lse) {
   Candidates c;
-  c.idx = (vocab_major ? idx.t() : idx).contiguous();
-  c.logp = tempered(z) - lse.unsqueeze(1);
-  c.logq = tempered(zr) - ref_lse.unsqueeze(1);
+  c.idx = idx;
+  c.logp = z_k.mul(inv_temp).to(at::kDouble) - lse.unsqueeze(1);
+  c.logq = zr_k.mul(inv_temp).to(at::kDouble) - ref_lse.unsqueeze(1);
   c.p = c.logp.exp();
   return c;
 }
@@ -218,8 +237,9 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
                      grad_norm.defined() ? grad_norm.data_ptr<T>() + r0 : nullptr};
     passes.forward(a);
     if (candidate_set) {
-      const Candidates c = candidates_of(z, zr, Tensor(), K, vm, 1.0 / temperature, lse.narrow(0, r0, n),
-                                         ref_lse.narrow(0, r0, n));
+      const Tensor idx = top_ids(z, K, vm);
+      const Candidates c = candidates_of(idx, logits_of_buffer(z, idx, vm), logits_of_buffer(zr, idx, vm),
+                                         1.0 / temperature, lse.narrow(0, r0, n), ref_lse.narrow(0, r0, n));
       kl.narrow(0, r0, n).copy_((c.p * (c.logp - c.logq)).sum(1));
       cand_idx.narrow(0, r0, n).copy_(c.idx);
     }
@@ -236,9 +256,11 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                                   bool need_db, int64_t chunk) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
-  // The reference logits are recomputed only when the KL carries a gradient (non-detached KL).
+  // The reference logits are recomputed only when the KL carries a gradient (non-detached KL);
+  // for the candidate-set KL only at the K candidates of each row, not as a full chunk.
   const bool with_ref = grad_kl.defined();
   const bool candidate_set = with_ref && cand_idx.defined();
+  const bool ref_chunks = with_ref && !candidate_set;
   const Head head(hidden, weight, bias, dt);
   std::optional<Head> ref_head;
   if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
@@ -247,7 +269,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(chunk, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
-  Tensor ref_buf = with_ref ? at::empty({C * V}, opts) : Tensor();
+  Tensor ref_buf = ref_chunks ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
   const Tensor g_logp = c(grad_logp), g_kl = c(grad_kl), g_ent = c(grad_entropy);
@@ -259,7 +281,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
     Tensor z = chunk_view(buf, n, V, vm), zr;
     const Tensor rows = head.rows(r0, n, dt);
     head.logits_into(z, rows, vm);
-    if (with_ref) {
+    if (ref_chunks) {
       zr = chunk_view(ref_buf, n, V, vm);
       ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
     }
@@ -268,7 +290,9 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       // d k / d l_j = 1[j in K] p_j (logp_j - logq_j + 1) - p_j (k + P_K): the dense part is an
       // extra d loss / d logp for the policy-only pass (minus its 1[j = y] share, undone at
       // the target below); the sparse part is scattered at the K ids.
-      const Candidates cs = candidates_of(z, zr, cand_idx.narrow(0, r0, n), 0, vm, 1.0 / temperature,
+      const Tensor idx = cand_idx.narrow(0, r0, n);
+      const Candidates cs = candidates_of(idx, logits_of_buffer(z, idx, vm),
+                                          ref_head->logits_at(ref_head->rows(r0, n, dt), idx), 1.0 / temperature,
                                           lse_c.narrow(0, r0, n), ref_lse_c.narrow(0, r0, n));
       const Tensor gk = g_kl.narrow(0, r0, n).to(at::kDouble);
       const Tensor shift = gk * (kl_c.narrow(0, r0, n).to(at::kDouble) + cs.p.sum(1));
@@ -284,11 +308,11 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       z.scatter_add_(dim, layout(tgt.narrow(0, r0, n).unsqueeze(1)), layout((shift * -it).to(dt).unsqueeze(1)));
       z.scatter_add_(dim, layout(cs.idx), layout((gk.unsqueeze(1) * cs.p * (cs.logp - cs.logq + 1.0) * it).to(dt)));
     } else {
-      BackwardRows<T> a{z.data_ptr<T>(), with_ref ? zr.const_data_ptr<T>() : nullptr,
+      BackwardRows<T> a{z.data_ptr<T>(), ref_chunks ? zr.const_data_ptr<T>() : nullptr,
                         tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
                         lse_c.const_data_ptr<double>() + r0,
-                        with_ref ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr,
-                        with_ref ? at_r0(kl_c) : nullptr, at_r0(ent_c), at_r0(g_logp), at_r0(g_kl),
+                        ref_chunks ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr,
+                        ref_chunks ? at_r0(kl_c) : nullptr, at_r0(ent_c), at_r0(g_logp), at_r0(g_kl),
                         g_ent.defined() ? at_r0(g_ent) : nullptr};
       passes.backward(a);
     }

@@ -156,8 +156,9 @@ def compiled_vimpo_loss(
         metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
     metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
     if return_details:
-        _, neg_values, _ = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
-                                                   config.beta, 1.0, est)
+        # The implicit values are the lambda = 1 scan, negated: adv_raw itself when lam is 1.
+        neg_values = adv_raw if config.lam == 1.0 else ext.vimpo_epilogue_scan(
+            lp, ref, f64(token_kl) if est == 0 else None, m64, config.beta, 1.0, est)[1]
         metrics["details"] = {
             "token_kl": kl.detach(), "u": u.to(dt), "seq_value": seq_value.to(dt), "baseline": baseline,
             "target": target.detach(), "residual": residual, "values": -neg_values.to(dt), "adv_raw": adv_raw,
