@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import golden_cases, load_golden, rel_err, require_golden
+from golden_data import golden_cases, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.vimpo_loss.compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
@@ -160,7 +160,6 @@ WHITEN = {"dp1": "unbiased", "dpN": "biased"}
 @pytest.mark.parametrize("variant", ["dp1", "dpN"])
 @pytest.mark.parametrize("case", golden_cases("vimpo"))
 def test_golden_through_compiled_epilogue(case, variant):
-    require_golden()
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
     config = VIMPOConfig.from_reference(h).replace(whiten_variance=WHITEN[variant])

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import golden_cases, load_golden, rel_err, require_golden
+from golden_data import golden_cases, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.logprobs.compiled_function import grpo_dloss_dlogp
@@ -151,7 +151,6 @@ WHITEN = {"dp1": "unbiased", "dpN": "biased"}
 @pytest.mark.parametrize("variant", ["dp1", "dpN"])
 @pytest.mark.parametrize("case", golden_cases("vimpo"))
 def test_vimpo_golden_through_compiled_kernel(case, variant):
-    require_golden()
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
     cfg = VIMPOConfig.from_reference(h).replace(whiten_variance=WHITEN[variant])
@@ -175,7 +174,6 @@ def test_vimpo_golden_through_compiled_kernel(case, variant):
 
 @pytest.mark.parametrize("case", golden_cases("grpo"))
 def test_grpo_golden_through_compiled_kernel(case):
-    require_golden()
     z = load_golden("grpo", case)
     h = case["hyperparameters"]
     cfg = VIMPOConfig.from_reference(h)

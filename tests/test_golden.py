@@ -1,4 +1,4 @@
-"""The reference reproduces the authors' numbers (shared/golden) in float64.
+"""The reference reproduces the authors' numbers (tests/golden) in float64.
 
 Tolerance: 1e-10 relative (max |diff| / max |value|), the target the golden README sets; we
 measure ~1e-15. Exceptions, as the README states: clip fractions are float32 metrics in the
@@ -6,12 +6,11 @@ reference (1e-6 absolute), and a loss that whitening drives to ~0 is compared wi
 floor scaled by the advantage magnitude (its relative error is meaningless).
 """
 
-import json
 
 import pytest
 import torch
 
-from conftest import golden_cases, load_golden, rel_err, require_golden
+from golden_data import IN_REPO, cases, golden_cases, golden_dirs, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 
@@ -46,7 +45,6 @@ def _run_vimpo(z, case, variant, soft=False):
 @pytest.mark.parametrize("variant", ["dp1", "dpN"])
 @pytest.mark.parametrize("case", golden_cases("vimpo"))
 def test_vimpo_golden(case, variant):
-    require_golden()
     z = load_golden("vimpo", case)
     stats, loss, metrics, grad, mask = _run_vimpo(z, case, variant)
     d = metrics["details"]
@@ -85,9 +83,8 @@ def test_vimpo_golden(case, variant):
 
 def test_vimpo_golden_soft_variant():
     """The experimental soft value type, on every case that carries its arrays (p1 does)."""
-    d = require_golden()
     checked = 0
-    for case in json.loads((d / "vimpo" / "cases.json").read_text())["cases"]:
+    for case in cases("vimpo"):
         z = load_golden("vimpo", case)
         if "soft_value_loss" not in z:
             continue
@@ -106,7 +103,6 @@ _GRPO_MODES = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-toke
 
 @pytest.mark.parametrize("case", golden_cases("grpo"))
 def test_grpo_golden(case):
-    require_golden()
     z = load_golden("grpo", case)
     h = case["hyperparameters"]
     base = VIMPOConfig.from_reference(h)
@@ -133,10 +129,22 @@ def test_grpo_golden(case):
                 assert rel_err(metrics["ppo_kl"], z["ppo_kl"]) <= RTOL
 
 
-def test_golden_cases_map_onto_config():
-    """Every golden case's hyperparameters build a config mechanically (unseen cases too)."""
-    d = require_golden()
-    for kind in ("vimpo", "grpo"):
-        for case in json.loads((d / kind / "cases.json").read_text())["cases"]:
-            cfg = VIMPOConfig.from_reference(case["hyperparameters"])
-            assert isinstance(cfg, VIMPOConfig)
+@pytest.mark.parametrize("case", golden_cases("vimpo") + golden_cases("grpo"))
+def test_golden_case_maps_onto_config(case):
+    """Every golden case's hyperparameters build a config mechanically (cases added through
+    VIMPO_GOLDEN_DIR too); a knob we do not know is an error, never a skip."""
+    assert isinstance(VIMPOConfig.from_reference(case["hyperparameters"]), VIMPOConfig)
+
+
+def test_an_unknown_golden_hyperparameter_is_an_error():
+    case = cases("vimpo")[0]
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        VIMPOConfig.from_reference({**case["hyperparameters"], "some_new_knob": 1})
+
+
+def test_the_repository_ships_the_golden_cases():
+    """A user's clone has every case: nothing beside the clone is needed."""
+    assert IN_REPO in golden_dirs()
+    names = {c["name"] for c in cases("vimpo") + cases("grpo") if c["_dir"].startswith(str(IN_REPO))}
+    assert {"p1_paper_defaults_b4", "p5_on_policy_candidate_set_b4_g4", "g3_dapo_tokenmean_clip_higher_paper_grpo_arm"} <= names
+    assert len(names) == 8

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 
+from golden_data import reward_noise
 from vimpo.rewards import MathReward, flip_group_rewards, group_uniform, load_reward_fn, score
 
-def _golden():
-    """shared/golden as the repository's tests find it: skipped in a user's clone, required in CI."""
-    import os
 
-    from trainer_testlib import REPO
-
-    env = os.environ.get("VIMPO_GOLDEN_DIR")
-    for folder in ([Path(env)] if env else []) + [REPO.parent / "shared" / "golden", REPO / "shared" / "golden"]:
-        if (folder / "grpo" / "reward_noise.json").is_file():
-            return json.loads((folder / "grpo" / "reward_noise.json").read_text())
-    msg = "golden vectors not found: set VIMPO_GOLDEN_DIR or place shared/golden beside the clone"
-    if os.environ.get("CI"):
-        pytest.fail(msg + " (CI must run the golden tests)")
-    pytest.skip(msg)
-
-
-def test_reward_noise_reproduces_the_reference():
-    golden = _golden()
+@pytest.mark.golden
+@pytest.mark.parametrize("golden", reward_noise(), ids=lambda g: "reward_noise")
+def test_reward_noise_reproduces_the_reference(golden):
     for case in golden["cases"]:
         uniforms = [group_uniform(case["seed"], case["global_steps"], u) for u in case["uids"]]
         # Exact: the same 64-bit integer divided by 2**64 in float64.
