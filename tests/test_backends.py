@@ -1,5 +1,6 @@
 """Backend discovery: a missing extension never breaks the import; explicit backends fail clearly."""
 
+import importlib
 import subprocess
 import sys
 
@@ -57,10 +58,21 @@ def test_selftest_passes_every_path_on_cpu():
     from vimpo_kernels import selftest
     from vimpo_kernels._backends import extension
     if extension() is None:
-        pytest.skip("the compiled extension is not built")
-    results = selftest("cpu", verbose=False)
+        pytest.fail("the compiled extension is not built")
+    results = selftest("cpu", dtype="all", verbose=False)
     assert results["cpu"] == "pass", results
-    assert results["cuda"].startswith("unavailable") and results["triton"].startswith("unavailable")
+    # Never a GPU backend on CPU tensors (a false FAIL): "n/a", from the backend table.
+    assert results["cuda"] == "n/a on this device" and results["triton"] == "n/a on this device", results
+
+
+def test_selftest_on_cuda_never_runs_the_cpu_backend(monkeypatch):
+    """On a CUDA device the `cpu` backend is "n/a", decided by the table before anything runs."""
+    st = importlib.import_module("vimpo_kernels.selftest")  # the module, not the function
+    monkeypatch.setattr(st, "_problem", lambda *a, **k: None)
+    monkeypatch.setattr(st, "_loss_and_grads", lambda *a, **k: (torch.zeros(1),) * 3)
+    monkeypatch.setattr(st._backends, "backend_status", lambda: {b: (False, "simulated") for b in st._backends.BACKENDS})
+    results = {(r.backend, r.status) for r in st.run_selftest("cuda")}
+    assert ("cpu", "n/a") in results and ("cuda", "unavailable") in results and ("triton", "unavailable") in results
 
 
 def test_selftest_reports_a_wrong_backend(monkeypatch):
@@ -69,8 +81,17 @@ def test_selftest_reports_a_wrong_backend(monkeypatch):
     from vimpo_kernels._backends import extension
     from vimpo_kernels.logprobs import api
     if extension() is None:
-        pytest.skip("the compiled extension is not built")
+        pytest.fail("the compiled extension is not built")
     right = api._IMPLS["cpu"]
     monkeypatch.setitem(api._IMPLS, "cpu", lambda *a: right(*a).map(lambda x: x * 1.01))
     result = selftest("cpu", verbose=False)["cpu"]
-    assert result.startswith("FAIL") and "vimpo:" in result and "dapo" not in result, result
+    assert result.startswith("FAIL") and "vimpo/fp32:" in result and "dapo" not in result, result
+
+
+def test_selftest_cli_exit_codes(monkeypatch, capsys):
+    from vimpo import cli
+    monkeypatch.setattr("vimpo_kernels.selftest", lambda device, dtype: {"cpu": "pass", "cuda": "n/a on this device"})
+    assert cli.main(["selftest", "--device", "cpu"]) == 0
+    monkeypatch.setattr("vimpo_kernels.selftest", lambda device, dtype: {"cpu": "FAIL: vimpo/fp32: boom"})
+    assert cli.main(["selftest"]) == 1
+    assert "1 failed ['cpu']" in capsys.readouterr().out

@@ -6,6 +6,7 @@
     vimpo sft [--config FILE] [key=value ...]    # the supervised warm start alone
     vimpo eval [--config FILE] [key=value ...]   # held-out accuracy of model.name_or_path
     vimpo bench [args ...]                       # the repository's bench/ runner
+    vimpo selftest [--device cpu|cuda] [--dtype fp32|bf16|all]   # every backend vs the reference
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "selftest":
+        return _selftest(args.device, args.dtype)
     try:
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "resume", False):
@@ -51,7 +54,28 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     sub.add_parser("bench", help="run the repository's benchmarks (bench/__main__.py)")
+    s = sub.add_parser("selftest", help="every kernel backend on this device against the float64 reference; "
+                                        "exit 1 when one fails")
+    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible, else cpu")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "all"), default="fp32")
     return p
+
+
+def _selftest(device: str | None, dtype: str) -> int:
+    import torch
+
+    from vimpo_kernels import selftest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("vimpo selftest: error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    summary = selftest(device, dtype=dtype)
+    failed = sorted(b for b, s in summary.items() if s.startswith("FAIL"))
+    passed = sorted(b for b, s in summary.items() if s == "pass")
+    print(f"selftest: {len(passed)} backend(s) passed {passed}, {len(failed)} failed {failed}")
+    if not passed and not failed:
+        print("selftest: no kernel backend runs here (only the torch reference); see the lines above for why")
+    return 1 if failed else 0
 
 
 def _train(cfg) -> int:

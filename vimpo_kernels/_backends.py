@@ -12,12 +12,54 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import _env
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
+_ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one backend can do. The planner (`plan`) reads this table and nothing else, so no
+    caller re-derives a capability and no fallback is silent."""
+
+    name: str
+    devices: tuple[str, ...]
+    """Tensor device types it computes on (`triton` also runs on CPU under TRITON_INTERPRET=1)."""
+    dtypes: tuple[torch.dtype, ...]
+    """Hidden-state / weight dtypes it takes; statistics are fp32 (fp64 for fp64 inputs)."""
+    kl: tuple[str, ...]
+    """KL kinds it computes from hidden states: "exact" (the full vocabulary), "candidate_set"."""
+    entropy: bool
+    logit_grad_norm: bool
+    """||d logp / d logits|| per token (the adaptive actor coefficient's statistic)."""
+    forward_grad: bool
+    """Per-token-separable losses (GRPO family) with the gradients formed inside the forward."""
+    compiled_epilogue: bool
+    """The VIMPO sequence epilogue runs the compiled kernels (csrc/epilogue_math.h), when the
+    extension is built for the tensors' device."""
+    materializes_logits: bool
+    """Builds the N x V logits (the reference): fine for tests, ruinous at LLM vocabularies."""
+    summary: str
+
+
+BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in (
+    Backend("triton", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), ("exact",), True, False, False,
+            True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden"),
+    Backend("cuda", ("cuda",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, True, True, False,
+            "compiled C++/CUDA: chunked GEMMs + CUDA row passes"),
+    Backend("cpu", ("cpu",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, True, True, False,
+            "compiled C++ (OpenMP): chunked GEMMs + vectorized row passes"),
+    Backend("torch", ("cpu", "cuda"), _ALL_FLOATS, ("exact", "candidate_set"), True, True, False, False, True,
+            "pure-PyTorch reference: materializes N x V logits; the truth"),
+)}
+BACKENDS = tuple(BACKEND_TABLE)
+# `backend="auto"` tries these in order for tensors of each device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,23 +115,127 @@ def available_backends() -> list[str]:
     return [b for b, (ok, _) in backend_status().items() if ok]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map `backend` ("auto" or a name) to a usable backend for tensors on `device`."""
+@dataclass(frozen=True)
+class Route:
+    """The planner's answer: which backend computes the token statistics, how the loss gets
+    its gradients, which epilogue runs, and why (for logs and `selftest`)."""
+
+    backend: str
+    gradients: str
+    """"forward" (formed inside the forward chunk loop: per-token-separable losses on a backend
+    with `forward_grad`) or "recompute" (the backward recomputes the logits)."""
+    epilogue: str
+    """"compiled" (csrc/epilogue_math.h), "reference" (vimpo_loss) or "none" (forward route)."""
+    why: str
+
+
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether `backend` computes on tensors of `device` (the Triton interpreter counts for CPU)."""
+    device = torch.device(device)
+    if backend == "triton" and device.type == "cpu":
+        return _env.TRITON_INTERPRET
+    return device.type in BACKEND_TABLE[backend].devices
+
+
+def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
+            kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False) -> list[str]:
+    """The features of a call that `backend` lacks (empty: it can compute the call)."""
+    spec = BACKEND_TABLE[backend]
+    lacks = []
+    if dtype not in spec.dtypes:
+        lacks.append(f"dtype {dtype}")
+    if backend == "triton" and weight_dtype is not None and weight_dtype != dtype:
+        lacks.append(f"mixed dtypes (hidden {dtype}, weight {weight_dtype})")
+    if kl is not None and kl not in spec.kl:
+        lacks.append(f"kl={kl!r}")
+    if entropy and not spec.entropy:
+        lacks.append("entropy")
+    if logit_grad_norm and not spec.logit_grad_norm:
+        lacks.append("the logit-gradient norm (adaptive actor coefficient)")
+    return lacks
+
+
+def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
+         kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False,
+         separable: bool = False, compiled_epilogue: bool = False) -> Route:
+    """Choose the route of one call, from `BACKEND_TABLE` alone.
+
+    Args:
+        backend: "auto" or a name of `BACKEND_TABLE`. `VIMPO_BACKEND` replaces "auto".
+        device, dtype, weight_dtype: the hidden states' device and dtype, the weight's dtype.
+        kl, entropy, logit_grad_norm: the token statistics the call needs.
+        separable: the loss's gradient is per-token separable (see `algorithms.py`): a backend
+            with `forward_grad` forms the gradients inside the forward.
+        compiled_epilogue: the loss's sequence epilogue exists in compiled form for this config.
+
+    Rules: an explicit backend that cannot run the call raises `ValueError` saying what it lacks
+    (never a silent demotion). "auto" takes the first backend of `AUTO_ORDER[device type]` that
+    is available and lacks nothing; landing on the materializing reference on a GPU raises
+    unless `VIMPO_ALLOW_MATERIALIZE=1` (then it warns once), and on a CPU without the compiled
+    extension it warns once.
+    """
+    device = torch.device(device)
+    needs = dict(weight_dtype=weight_dtype, kl=kl, entropy=entropy, logit_grad_norm=logit_grad_norm)
     if backend == "auto":
         backend = _env.DEFAULT_BACKEND
     if backend == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-        status = backend_status()
-        return next(b for b in order if status[b][0])
-    if backend not in BACKENDS:
+        name, why = _choose(device, dtype, needs)
+    else:
+        _check_explicit(backend, device, dtype, needs)
+        name, why = backend, "requested"
+    spec = BACKEND_TABLE[name]
+    if separable and spec.forward_grad:
+        return Route(name, "forward", "none", why)
+    on_device = device.type == "cpu" or (extension() is not None and extension().built_with_cuda())
+    use_compiled = compiled_epilogue and spec.compiled_epilogue and extension() is not None and on_device
+    return Route(name, "recompute", "compiled" if use_compiled else "reference", why)
+
+
+def _choose(device: torch.device, dtype, needs) -> tuple[str, str]:
+    status = backend_status()
+    skipped = []
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        lacks = missing(name, dtype, **needs)
+        if not status[name][0] or not runs_on(name, device) or lacks:
+            skipped.append(f"{name}: {status[name][1] if not status[name][0] else ', '.join(lacks) or 'device'}")
+            continue
+        why = "auto" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+        if BACKEND_TABLE[name].materializes_logits:
+            _materialize_guard(device, why)
+        return name, why
+    raise ValueError(f"no backend can compute this call on {device} with {dtype}: {'; '.join(skipped)}")
+
+
+def _materialize_guard(device: torch.device, why: str) -> None:
+    msg = (f"backend='auto' fell back to the materializing 'torch' reference on {device.type} ({why}): "
+           "it builds the full N x V logits")
+    if device.type == "cuda" and not _env.ALLOW_MATERIALIZE:
+        raise ValueError(msg + ". Build the CUDA extension or install Triton, or set VIMPO_ALLOW_MATERIALIZE=1 "
+                         "(or pass backend='torch') to accept the memory cost.")
+    _warn_once(msg + ".")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _check_explicit(backend: str, device: torch.device, dtype, needs) -> None:
+    if backend not in BACKEND_TABLE:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     ok, why = backend_status()[backend]
     if not ok:
-        raise RuntimeError(f"backend {backend!r} is not available: {why}. "
-                           f"Available here: {available_backends()}")
-    wants_cuda = backend == "cuda" or (backend == "triton" and not _env.TRITON_INTERPRET)
-    if wants_cuda and device.type != "cuda":
-        raise ValueError(f"backend {backend!r} needs CUDA tensors, got tensors on {device}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
-    return backend
+        raise RuntimeError(f"backend {backend!r} is not available: {why}. Available here: {available_backends()}")
+    if not runs_on(backend, device):
+        raise ValueError(f"backend {backend!r} runs on {'/'.join(BACKEND_TABLE[backend].devices)} tensors, "
+                         f"got tensors on {device}")
+    lacks = missing(backend, dtype, **needs)
+    if lacks:
+        able = [b for b in BACKENDS if runs_on(b, device) and not missing(b, dtype, **needs)]
+        raise ValueError(f"backend {backend!r} does not support {', '.join(lacks)}; backends that do, on "
+                         f"{device.type}: {able}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend `plan` picks for a plain call (no optional statistics) on `device`."""
+    return plan(backend, device, torch.float32).backend

@@ -5,9 +5,9 @@ import os
 
 # Force the default backend of `backend="auto"` (e.g. "torch" to debug against the reference).
 DEFAULT_BACKEND = os.environ.get("VIMPO_BACKEND", "auto")
+# Let backend="auto" fall back to the materializing reference on a GPU (it raises otherwise).
+ALLOW_MATERIALIZE = os.environ.get("VIMPO_ALLOW_MATERIALIZE", "0") == "1"
 # Rows per chunk of the compiled CPU/CUDA backends (0 = the backend's own choice).
 CHUNK_ROWS = int(os.environ.get("VIMPO_CHUNK_ROWS", "0"))
-# Where the golden vectors live (tests only).
-GOLDEN_DIR = os.environ.get("VIMPO_GOLDEN_DIR")
 # Triton's interpreter runs kernels on CPU tensors (slow; for correctness tests only).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,7 +1,7 @@
 """`VIMPOConfig`: every knob of the VIMPO loss (and the GRPO-family baselines), in one place.
 
 Defaults are the paper recipe (`recipe/vimpo/run_vimpo.sh` of the authors' code, see
-`shared/spec/vimpo-math.md` section 15). The config is validated on construction, so a bad
+docs/math.md, "Hyper-parameters"). The config is validated on construction, so a bad
 value fails where it is written, not deep inside a kernel.
 """
 
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-ALGORITHMS = ("vimpo", "grpo", "dr_grpo", "dapo")
+from .algorithms import ALGORITHMS, Algorithm
+
 KL_ESTIMATORS = ("exact", "k2", "k3", "candidate_set")
 VALUE_LOSS_TYPES = ("squared_error", "huber")
 VALUE_TYPES = ("raw", "soft")
@@ -20,30 +21,17 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 WHITEN_VARIANCES = ("biased", "unbiased")
 NAN_POLICIES = ("raise", "ignore")
 
-# What each GRPO-family algorithm changes relative to the dataclass defaults (which are the
-# VIMPO paper recipe). `for_algorithm` applies these; explicit keyword arguments win.
-_ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
-    "vimpo": {},
-    # GRPO: std-normalised group advantage, symmetric clip.
-    "grpo": {"clip_ratio_high": 0.2},
-    # Dr.GRPO: no std normalisation, constant-length (mask width) normalisation.
-    "dr_grpo": {"clip_ratio_high": 0.2, "loss_agg_mode": "seq-mean-token-sum-norm"},
-    # DAPO: token-mean with clip-higher (what the paper's GRPO arm runs).
-    "dapo": {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "loss_agg_mode": "token-mean"},
-}
-
-
 @dataclass(frozen=True)
 class VIMPOConfig:
     """Hyper-parameters of the VIMPO loss and its GRPO-family baselines.
 
-    Symbols refer to `shared/spec/vimpo-math.md`.
+    Symbols: docs/math.md, "Inputs and notation", "Hyper-parameters".
     """
 
     algorithm: str = "vimpo"
     """`vimpo` (implicit value, reverse-scan advantage), `grpo`, `dr_grpo` or `dapo`."""
 
-    # --- VIMPO token term and value loss (spec sections 4-7) ---
+    # --- VIMPO token term and value loss (docs/math.md, "Token term and implicit value" to "Soft value type") ---
     beta: float = 5e-4
     """beta: scale of the log-ratio and KL token terms."""
     kl_estimator: str = "exact"
@@ -62,7 +50,7 @@ class VIMPOConfig:
     cap_v0: Optional[float] = None
     """Cap on the group baseline b (min(b, cap_v0)); None = no cap."""
 
-    # --- actor (sections 8-11) ---
+    # --- actor (docs/math.md, "Actor advantage and whitening" to "Adaptive actor coefficient") ---
     actor_coeff: float = 5e-3
     """c_A: weight of the PPO actor loss."""
     lam: float = 1.0
@@ -85,7 +73,7 @@ class VIMPOConfig:
     adaptive_ema_decay: float = 0.9
     adaptive_eps: float = 1e-12
 
-    # --- GRPO family (section 12) ---
+    # --- GRPO family (docs/math.md, "GRPO family") ---
     grpo_epsilon: float = 1e-6
     """Added to the group std before dividing (`grpo`, `dapo`)."""
     kl_loss_coeff: float = 0.0
@@ -103,7 +91,7 @@ class VIMPOConfig:
     """Reference knobs that do not change our numbers (kept for provenance)."""
 
     def __post_init__(self) -> None:
-        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("algorithm", self.algorithm, tuple(ALGORITHMS))
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check_choice("value_type", self.value_type, VALUE_TYPES)
         _check_choice("value_loss_type", self.value_loss_type, VALUE_LOSS_TYPES)
@@ -135,8 +123,6 @@ class VIMPOConfig:
                 not isinstance(self.loss_agg_norm_len, int) or self.loss_agg_norm_len < 1):
             raise ValueError(f"loss_agg_norm_len must be a positive int or None, got {self.loss_agg_norm_len!r}")
         if self.algorithm == "vimpo":
-            if self.value_type == "raw" and self.kl_estimator == "k1":  # pragma: no cover - k1 not offered
-                raise ValueError("k1 makes the raw token term identically zero")
             if self.adaptive_actor_coeff:
                 if not self.detach_kl:
                     raise ValueError("adaptive_actor_coeff=True requires detach_kl=True (as the reference)")
@@ -145,22 +131,24 @@ class VIMPOConfig:
 
     # ------------------------------------------------------------------------------------
     @property
+    def spec(self) -> Algorithm:
+        """The registry entry of `algorithm` (vimpo_kernels/algorithms.py)."""
+        return ALGORITHMS[self.algorithm]
+
+    @property
     def is_grpo_family(self) -> bool:
-        return self.algorithm != "vimpo"
+        """Advantages from the group's rewards (not VIMPO's implicit value)."""
+        return self.spec.advantage != "implicit"
 
     @property
     def grpo_norm_by_std(self) -> bool:
-        """GRPO and DAPO divide the centred reward by the group std; Dr.GRPO does not."""
-        return self.algorithm in ("grpo", "dapo")
+        """The centred reward is divided by the group std (GRPO, DAPO; not Dr.GRPO)."""
+        return self.spec.advantage == "group_std"
 
     @property
     def needs_exact_kl(self) -> bool:
         """True when the loss needs the full-vocabulary KL from the kernels."""
         return self.algorithm == "vimpo" and self.kl_estimator in ("exact", "candidate_set")
-
-    @property
-    def has_actor(self) -> bool:
-        return not (self.algorithm == "vimpo" and self.value_type == "soft")
 
     def replace(self, **changes: Any) -> "VIMPOConfig":
         return dataclasses.replace(self, **changes)
@@ -168,8 +156,8 @@ class VIMPOConfig:
     @classmethod
     def for_algorithm(cls, algorithm: str, **overrides: Any) -> "VIMPOConfig":
         """The config of `algorithm` with its customary defaults, then `overrides`."""
-        _check_choice("algorithm", algorithm, ALGORITHMS)
-        return cls(algorithm=algorithm, **{**_ALGORITHM_PRESETS[algorithm], **overrides})
+        _check_choice("algorithm", algorithm, tuple(ALGORITHMS))
+        return cls(algorithm=algorithm, **{**ALGORITHMS[algorithm].preset, **overrides})
 
     @classmethod
     def from_reference(cls, hparams: Mapping[str, Any]) -> "VIMPOConfig":

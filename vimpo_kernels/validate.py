@@ -82,6 +82,13 @@ def check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids
         raise ValueError("value_type='soft' needs old_token_kl (the detached old-policy KL per token)")
     if baseline is not None:
         check_tensor("baseline", baseline, floating=True, shape=(B,), device=dev)
+    implicit = config.spec.advantage == "implicit"
+    if advantages is not None and implicit:
+        raise ValueError(f"advantages= applies to group-advantage algorithms; algorithm={config.algorithm!r} "
+                         "forms its own from the implicit value (pass baseline= for the group baseline)")
+    if baseline is not None and not implicit:
+        raise ValueError(f"baseline= applies to algorithm='vimpo'; algorithm={config.algorithm!r} takes "
+                         "advantages= computed on the step batch")
     if advantages is not None:
         check_tensor("advantages", advantages, floating=True, device=dev, dims=(1, 2))
         if advantages.shape not in ((B,), shape):

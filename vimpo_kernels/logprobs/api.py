@@ -45,7 +45,7 @@ def fused_linear_logprobs(
             same weight. Never differentiated.
         temperature: the logits of both models are divided by it before the softmax.
         kl: None, "exact" (needs a reference), or "candidate_set": the same sum over the `topk`
-            largest policy logits of each row, with the full normalisers (spec section 3;
+            largest policy logits of each row, with the full normalisers (docs/math.md, "KL estimators";
             not on the triton backend).
         topk: the candidate-set size (capped at V); only with kl="candidate_set".
         return_entropy: also return H(pi).
@@ -77,10 +77,8 @@ def fused_linear_logprobs(
     if has_ref:
         rh2 = rh2 if rh2 is not None else h2.detach()
         ref_weight = ref_weight if ref_weight is not None else weight.detach()
-    name = _backends.resolve_backend(backend, hidden.device)
-    if name == "triton" and (kl == "candidate_set" or return_logit_grad_norm) and backend == "auto":
-        # The Triton kernels have neither top-k nor sum p^2; "auto" takes the next backend.
-        name = "cuda" if _backends.backend_status()["cuda"][0] else "torch"
+    name = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
+                          entropy=return_entropy, logit_grad_norm=return_logit_grad_norm).backend
     stats = _IMPLS[name](h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature),
                          kl is not None, bool(return_entropy), topk, bool(return_logit_grad_norm))
     if rows is not None:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..algorithms import needs_reference
 from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
 from .. import _backends
@@ -69,55 +70,37 @@ def fused_vimpo_loss(
     check_mask(mask, (B, T), hidden.device)
     check_tensor("rewards", rewards, floating=True, shape=(B,), device=hidden.device)
     check_tensor("group_ids", group_ids, integer=True, shape=(B,), device=hidden.device)
-    needs_ref_model = (not config.is_grpo_family) or (config.kl_loss_coeff > 0 and ref_logprobs is None)
+    needs_ref_model = needs_reference(config, has_ref_logprobs=ref_logprobs is not None)
     if needs_ref_model and ref_hidden is None and ref_weight is None:
         raise ValueError(f"algorithm={config.algorithm!r} needs the reference model: pass ref_hidden "
-                         "(and ref_weight when the reference head differs)")
+                         "(and ref_weight when the reference head differs)"
+                         + ("" if config.spec.always_needs_reference else " or ref_logprobs"))
     if not needs_ref_model:
         ref_hidden = ref_weight = ref_bias = None
-    if config.is_grpo_family and _backends.resolve_backend(backend, hidden.device) in ("cpu", "cuda"):
-        # The GRPO-family coefficient is known in the forward: gradients without a recompute.
+    kl = config.kl_estimator if config.needs_exact_kl else None
+    # The adaptive actor coefficient weighs tokens by ||d logp / d logits|| (spec section 11); the
+    # kernels form it from one more running sum (sum_j p_j^2) in the same pass.
+    want_grad_norm = config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs
+    route = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
+                           logit_grad_norm=want_grad_norm, separable=config.spec.separable,
+                           compiled_epilogue=compiled_epilogue_supports(config) is None)
+    if route.gradients == "forward":
+        # The per-token coefficient is known in the forward: gradients without a recompute.
         from ..logprobs.compiled_function import compiled_grpo_family_loss
         return compiled_grpo_family_loss(
             hidden, weight, targets, mask, rewards, group_ids, bias=bias, ref_logprobs=ref_logprobs,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, old_logprobs=old_logprobs,
-            rollout_is_weights=rollout_is_weights, config=config, backend=backend, **loss_kwargs)
-    kl = config.kl_estimator if config.needs_exact_kl else None
+            rollout_is_weights=rollout_is_weights, config=config, backend=route.backend, **loss_kwargs)
     valid = mask.bool()
-    # The adaptive actor coefficient weighs tokens by ||d logp / d logits|| (spec section 11); the
-    # kernels form it from one more running sum (sum_j p_j^2) in the same pass.
-    want_grad_norm = config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs
     stats = fused_linear_logprobs(
         hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         temperature=config.temperature, kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
-        return_logit_grad_norm=want_grad_norm, mask=valid, backend=backend)
+        return_logit_grad_norm=want_grad_norm, mask=valid, backend=route.backend)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
     if want_grad_norm:
         loss_kwargs["logit_grad_norm"] = stats.logit_grad_norm
-    epilogue = vimpo_loss
-    if _compiled_epilogue_applies(backend, hidden.device, config, loss_kwargs):
-        epilogue = compiled_vimpo_loss
+    epilogue = compiled_vimpo_loss if route.epilogue == "compiled" else vimpo_loss
     return epilogue(stats.logprobs, ref_logprobs, stats.kl if kl else None, mask, rewards, group_ids,
                     old_logprobs=old_logprobs,
                     rollout_is_weights=rollout_is_weights, config=config, **loss_kwargs)
-
-
-_COMPILED_EPILOGUE_KWARGS = {"baseline", "value_norm_denom", "num_tokens", "num_sequences", "process_group",
-                             "return_details", "logit_grad_norm", "adaptive_state"}
-
-
-def _compiled_epilogue_applies(backend: str, device: torch.device, config: VIMPOConfig, loss_kwargs) -> bool:
-    """The sequence epilogue runs the compiled kernels (csrc/epilogue_math.h) for the "cpu" and
-    "cuda" backends, and for "triton" when the extension has CUDA (the epilogue is O(B*T); one
-    implementation per device is enough). The reference epilogue serves "torch" and the soft
-    value type."""
-    resolved = _backends.resolve_backend(backend, device)
-    if resolved == "torch" or compiled_epilogue_supports(config) is not None:
-        return False
-    if not set(loss_kwargs) <= _COMPILED_EPILOGUE_KWARGS:
-        return False
-    ext = _backends.extension()
-    if ext is None:
-        return False
-    return device.type == "cpu" or (device.type == "cuda" and ext.built_with_cuda())
