@@ -1,7 +1,7 @@
 // The VIMPO sequence epilogue, per sequence: shared verbatim by the CPU driver (epilogue.cpp,
 // sequences in parallel) and the CUDA kernels (cuda/epilogue_cuda.cu, one thread per
-// sequence), so the CPU tests exercise the GPU's arithmetic. Section numbers refer to
-// shared/spec/vimpo-math.md; vimpo_kernels/vimpo_loss/reference.py is the definition.
+// sequence), so the CPU tests exercise the GPU's arithmetic. The formulas are written out in
+// docs/math.md; vimpo_kernels/vimpo_loss/reference.py is the definition.
 //
 // Two passes with an O(B) host step between them, because the second pass needs batch-wide
 // numbers the first one produces (and, under data parallelism, an all-reduce of them):
@@ -27,7 +27,7 @@ struct ScanParams {
   int kl_estimator;
 };
 
-// k of section 3 for one token: the given KL, or k2/k3 from d = logref - logp.
+// k of docs/math.md, "KL estimators" for one token: the given KL, or k2/k3 from d = logref - logp.
 VIMPO_HD double token_kl(double logp, double ref, double kl_given, int est) {
   if (est == kKlGiven) return kl_given;
   const double d = ref - logp;
@@ -35,7 +35,8 @@ VIMPO_HD double token_kl(double logp, double ref, double kl_given, int est) {
 }
 
 // One sequence (row stride 1, length T): u[t] = beta (logp - ref - k) m, adv_raw[t] =
-// u[t] + lam adv_raw[next valid t] on valid positions and 0 on padding (gamma = 1, section 8).
+// u[t] + lam adv_raw[next valid t] on valid positions and 0 on padding (gamma = 1;
+// docs/math.md, "Token term and implicit value", "Actor advantage and whitening").
 // Returns S = sum_t u[t]. `kl` may be null when the estimator forms k itself.
 VIMPO_HD double scan_sequence(const double* logp, const double* ref, const double* kl, const double* m,
                               int64_t T, const ScanParams& p, double* u, double* adv_raw) {
@@ -71,9 +72,10 @@ struct TokenSums {
   double neg_log_ratio;
 };
 
-// One sequence: whitened advantage (written to adv), the PPO loss of section 9 aggregated with
-// the per-token weight agg_w (d aggregate / d token loss), and the gradient coefficients
-//   g_logp = dL/dS * du/dlogp + c_A * agg_w * d l_pg / d logp        (section 14)
+// One sequence: whitened advantage (written to adv), the PPO loss
+// (docs/math.md, "PPO clip and dual clip") aggregated with the per-token weight agg_w
+// (d aggregate / d token loss), and the gradient coefficients
+//   g_logp = dL/dS * du/dlogp + c_A * agg_w * d l_pg / d logp     (docs/math.md, "Closed-form gradients")
 //   g_kl   = -beta * dL/dS      (only for a given KL that is not detached)
 // `old` null = on-policy (ratio exactly 1); `is_w` null = 1.
 VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const double* old, const double* is_w,

@@ -155,7 +155,7 @@ struct HeadGrads {
   }
 };
 
-// Candidate-set KL (spec section 3): the K largest policy logits of each row of a chunk (ATen's
+// Candidate-set KL (docs/math.md, "KL estimators"): the K largest policy logits of each row of a chunk (ATen's
 // topk on the chunk buffer, either device; tempering is monotone, so the raw logits rank the
 // same) and the KL restricted to them with the full normalisers. Runs after the row pass,
 // which supplies the lse's; the ids are kept (N x K) so the backward reuses the same set.

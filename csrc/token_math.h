@@ -2,7 +2,7 @@
 // (logprobs_cpu.cpp) and the CUDA kernels (cuda/logprobs_cuda.cu): the CPU tests exercise the
 // same formulas the GPU runs.
 //
-// Notation (shared/spec/vimpo-math.md): z raw logits, l = z / tau tempered logits, m = max_j l_j,
+// Notation (docs/math.md, "Running sums"): z raw logits, l = z / tau tempered logits, m = max_j l_j,
 // x_j = l_j - m <= 0. A row pass accumulates, with e_j = exp(x_j) and er_j = exp(xr_j):
 //   z_sum  = sum e_j                       -> lse = m + log z_sum
 //   zx_sum = sum e_j x_j                   -> entropy = log z_sum - zx_sum / z_sum
@@ -140,8 +140,9 @@ VIMPO_HD T dlogit_entry(T p, T logp_j, T logq_j, T g_logp, T g_kl, T kl, T g_ent
 }
 
 // ---- PPO-clipped actor loss (GRPO / Dr.GRPO / DAPO): d loss / d logp of one token ----------
-// Spec section 9 and vimpo_loss/reference.py `ppo_actor_loss`: with Delta = clamp(logp - old,
-// -20, 20) and ratio = exp(Delta), the token carries gradient iff |Delta| < 20 and
+// docs/math.md, "PPO clip and dual clip" and vimpo_loss/reference.py `ppo_actor_loss`: with
+// Delta = clamp(logp - old, -20, 20) and ratio = exp(Delta), the token carries gradient iff
+// |Delta| < 20 and
 //   (A > 0 and ratio <= 1 + eps_high)  or  (A < 0 and 1 - eps_low <= ratio <= c).
 // Then d(-A ratio)/d logp = -A ratio. `agg_w` is the token's weight in the aggregation
 // (1/N for token-mean, 1/(B' L_i) for seq-mean-token-mean, ...), `is_w` the rollout

@@ -1,4 +1,4 @@
-"""The adaptive actor coefficient (spec section 11) against autograd.
+"""The adaptive actor coefficient (docs/math.md, "Adaptive actor coefficient") against autograd.
 
 v_t and a_t are defined as the L2 norms, over the vocabulary, of the value-loss and actor-loss
 gradients with respect to token t's logits; autograd gives those norms independently of the

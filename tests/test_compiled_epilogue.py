@@ -122,8 +122,9 @@ def test_clip_regions_are_exercised():
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_adaptive_actor_coeff_matches_reference(agg):
-    """Section 11 (token-mean only; other modes keep the fixed c_A, silently, as the authors'
-    code): two steps, so the EMA state carries over; each side updates its own state."""
+    """docs/math.md, "Adaptive actor coefficient" (token-mean only; other modes keep the fixed
+    c_A, silently, as the authors' code): two steps, so the EMA state carries over; each side
+    updates its own state."""
     from vimpo_kernels.vimpo_loss import AdaptiveCoeffState
     config = VIMPOConfig(beta=0.3, adaptive_actor_coeff=True, adaptive_ema_decay=0.5, loss_agg_mode=agg)
     states = {"ours": AdaptiveCoeffState(), "ref": AdaptiveCoeffState()}

@@ -149,7 +149,7 @@ def _as_boxed(answer: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward noise (spec section 13): flip each group's 0/1 rewards, seeded, training only
+# Reward noise (docs/math.md, "Reward noise"): flip each group's 0/1 rewards, seeded, training only
 # ---------------------------------------------------------------------------------------------
 
 def group_uniform(seed: int, step: int, uid: str) -> float:

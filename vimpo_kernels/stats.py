@@ -19,7 +19,7 @@ class TokenStats:
     kl:           KL(pi(.|s_t) || pi_ref(.|s_t)), exact over the vocabulary (differentiable)
     entropy:      H(pi(.|s_t))                                   (differentiable)
     logit_grad_norm: ||d logp(y_t) / d l||_2 over the tempered logits (constant; the adaptive
-                  actor coefficient's G_t, spec section 11)
+                  actor coefficient's G_t, docs/math.md, "Adaptive actor coefficient")
     """
 
     logprobs: torch.Tensor

@@ -1,4 +1,4 @@
-"""Reward functions, the failure policy, and the group reward-noise rule (spec section 13)."""
+"""Reward functions, the failure policy, and the group reward-noise rule (docs/math.md, "Reward noise")."""
 
 from __future__ import annotations
 

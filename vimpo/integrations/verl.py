@@ -6,13 +6,13 @@ Load it through verl's external-module hook (it registers on import):
     VERL_USE_EXTERNAL_MODULES=vimpo.integrations.verl python -m verl.trainer.main_ppo \\
         algorithm.adv_estimator=vimpo actor_rollout_ref.actor.policy_loss.loss_mode=vimpo ...
 
-How the VIMPO pieces map onto verl's two hooks (spec sections refer to shared/spec/vimpo-math.md):
+How the VIMPO pieces map onto verl's two hooks (the math: docs/math.md):
 
 * advantage estimator `vimpo` (driver, whole step batch): the VIMPO *target*
-  y_i = R_i - b_i (section 5), R_i the masked reward sum, b_i the mean of R over the responses
-  sharing the uid, optionally capped (`algorithm.vimpo.cap_v0`). It is written to verl's
-  `advantages` (and `returns`) on every position of the row, padding included, so rows with
-  no valid token keep their target.
+  y_i = R_i - b_i (docs/math.md, "Baseline, target and residual"), R_i the masked reward
+  sum, b_i the mean of R over the responses sharing the uid, optionally capped
+  (`algorithm.vimpo.cap_v0`). It is written to verl's `advantages` (and `returns`) on every
+  position of the row, padding included, so rows with no valid token keep their target.
 * policy loss `vimpo` (actor, per micro-batch): `vimpo_loss` with rewards = y, baseline = 0.
   verl's policy-loss signature carries no reference log-probs or KL, so the actor must put the
   current micro-batch's `ref_log_prob` and `token_kl` (B, T response layout) into

@@ -28,7 +28,7 @@ def token_stats_from_logits(
 
     `kl`: None, "exact" (KL(pi || pi_ref) over the full vocabulary) or "candidate_set"
     (the same sum restricted to the `topk` largest tempered policy logits, with the full
-    normalisers; spec section 3).
+    normalisers; docs/math.md, "KL estimators").
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scaled = logits.to(dtype) / temperature
@@ -105,8 +105,9 @@ def _linear(h, w, b, dtype):
 def logit_grad_norm(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """||d logp(y) / d l||_2 over the tempered logits l: sqrt(1 - 2 p_y + sum_j p_j^2).
 
-    The adaptive actor coefficient (spec section 11) scales per-token gradients by it; the
-    reference computes it from float32 logits, so do we (float64 stays float64).
+    The adaptive actor coefficient (docs/math.md, "Adaptive actor coefficient") scales
+    per-token gradients by it; the reference computes it from float32 logits, so do we
+    (float64 stays float64).
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     p = torch.softmax(logits.detach().to(dtype) / temperature, dim=-1)

@@ -78,8 +78,9 @@ def fused_vimpo_loss(
     if not needs_ref_model:
         ref_hidden = ref_weight = ref_bias = None
     kl = config.kl_estimator if config.needs_exact_kl else None
-    # The adaptive actor coefficient weighs tokens by ||d logp / d logits|| (spec section 11); the
-    # kernels form it from one more running sum (sum_j p_j^2) in the same pass.
+    # The adaptive actor coefficient weighs tokens by ||d logp / d logits||
+    # (docs/math.md, "Adaptive actor coefficient"); the kernels form it from one more running
+    # sum (sum_j p_j^2) in the same pass.
     want_grad_norm = config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs
     route = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
                            logit_grad_norm=want_grad_norm, separable=config.spec.separable,

@@ -96,7 +96,8 @@ def compiled_vimpo_loss(
     u, adv_raw, seq_value = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
                                                      config.beta, config.lam, est)
 
-    # O(B) glue, by the reference's own functions (section 5, 6).
+    # O(B) glue, by the reference's own functions
+    # (docs/math.md, "Baseline, target and residual", "Value loss").
     rewards = rewards.to(dt)
     if baseline is None:
         baseline = group_mean(rewards, group_ids)
@@ -168,9 +169,9 @@ def compiled_vimpo_loss(
 
 def _adaptive_actor_coeff(logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual,
                           logit_grad_norm, state, num_tokens, num_sequences, process_group, config: VIMPOConfig):
-    """c_A of section 11, by the reference's own `_actor_coeff`. It needs the whitened advantage,
-    the ratio and the active-token mask before the token pass, so they are formed here with
-    the reference's vectorised PPO function (O(B*T), no scan)."""
+    """c_A (docs/math.md, "Adaptive actor coefficient"), by the reference's own `_actor_coeff`.
+    It needs the whitened advantage, the ratio and the active-token mask before the token pass,
+    so they are formed here with the reference's vectorised PPO function (O(B*T), no scan)."""
     dt = logprobs.dtype
     with torch.no_grad():
         adv = ((adv_raw - mean) * rstd if config.whiten_adv else adv_raw).to(dt) * m

@@ -2,7 +2,7 @@
 
 Every backend of `fused_vimpo_loss` runs this epilogue on the per-token statistics its kernels
 produce, so there is a single copy of the math. It is O(B*T): the cost of the loss lives in
-the log-prob kernels, not here. Section numbers refer to `shared/spec/vimpo-math.md`.
+the log-prob kernels, not here. Comments cite the formulas of docs/math.md by heading.
 
 Shapes: B responses, T padded response positions. `mask` is 1 on response tokens.
 """
@@ -18,13 +18,14 @@ import torch.distributed as dist
 from ..config import VIMPOConfig
 from ..validate import check_loss_inputs
 
-# The reference clamps the PPO log-ratio before exponentiating (section 9).
+# The reference clamps the PPO log-ratio before exponentiating (docs/math.md, "PPO clip and dual clip").
 _LOG_RATIO_CLAMP = 20.0
 
 
 @dataclass
 class AdaptiveCoeffState:
-    """EMA state of the adaptive actor coefficient (section 11); starts at zero per process."""
+    """EMA state of the adaptive actor coefficient (docs/math.md, "Adaptive actor coefficient");
+    starts at zero per process."""
 
     ema_value: float = 0.0
     ema_actor: float = 0.0
@@ -97,10 +98,10 @@ def vimpo_loss(
                                 value_norm_denom, num_sequences, config, return_details)
     kl = _token_kl(logprobs, ref_logprobs, token_kl, config)
 
-    # Token term and implicit terminal value (section 4).
+    # Token term and implicit terminal value (docs/math.md, "Token term and implicit value").
     u = torch.where(valid, config.beta * (logprobs - ref_logprobs) - config.beta * kl, 0.0)
     seq_value = u.sum(-1)
-    # Target and residual (section 5); the baseline is a constant.
+    # Target and residual (docs/math.md, "Baseline, target and residual"); the baseline is a constant.
     if baseline is None:
         baseline = group_mean(rewards, group_ids)
         if config.cap_v0 is not None:
@@ -109,7 +110,7 @@ def vimpo_loss(
     residual = seq_value - target
     value_loss_raw, value_loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
 
-    # Actor advantage from the same token term, under no-grad (section 8).
+    # Actor advantage from the same token term, under no-grad (docs/math.md, "Actor advantage and whitening").
     with torch.no_grad():
         adv_raw = reverse_scan_advantage(u.detach(), valid, config.lam)
         adv = whiten(adv_raw, valid, config.whiten_variance, process_group) if config.whiten_adv else adv_raw
@@ -161,8 +162,8 @@ def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_std: bool,
                     epsilon: float = 1e-6) -> torch.Tensor:
-    """(B,) GRPO outcome advantage (section 12): centred by the group mean, optionally divided
-    by the unbiased group std + epsilon. A one-member group keeps its reward (mean 0, std 1,
+    """(B,) GRPO outcome advantage (docs/math.md, "GRPO family"): centred by the group mean,
+    optionally divided by the unbiased group std + epsilon. A one-member group keeps its reward (mean 0, std 1,
     as float32 scalars in the reference, so the divisor is float32(1 + 1e-6))."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     out = torch.empty_like(rewards)
@@ -180,7 +181,8 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_s
 
 
 def reverse_scan_advantage(u: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
-    """A[t] = u[t] + lam * A[next valid t] over valid positions, 0 on padding (section 8).
+    """A[t] = u[t] + lam * A[next valid t] over valid positions, 0 on padding
+    (docs/math.md, "Actor advantage and whitening").
 
     With gamma = 1 the TD residual of the implicit value is the token term itself.
     """
@@ -235,8 +237,9 @@ def whiten_stats(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased
 
 def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences,
                    config: VIMPOConfig):
-    """PPO clipped + dual-clipped loss, aggregated (section 9). Returns the loss, metrics, the
-    detached ratio and the detached 'active' indicator (tokens that carry gradient)."""
+    """PPO clipped + dual-clipped loss, aggregated (docs/math.md, "PPO clip and dual clip").
+    Returns the loss, metrics, the detached ratio and the detached 'active' indicator (tokens
+    that carry gradient)."""
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     log_ratio = torch.where(valid, logprobs - old, 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
@@ -265,8 +268,8 @@ def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, nu
 
 def aggregate(per_token: torch.Tensor, m: torch.Tensor, mode: str, num_tokens=None, num_sequences=None,
               norm_len: Optional[int] = None) -> torch.Tensor:
-    """Reduce a (B, T) loss to a scalar (`agg_loss`, section 9); padded positions are zeroed
-    before summing so NaN/Inf there cannot leak. `num_tokens` / `num_sequences` replace the
+    """Reduce a (B, T) loss to a scalar (`agg_loss`, docs/math.md, "Aggregation"); padded
+    positions are zeroed before summing so NaN/Inf there cannot leak. `num_tokens` / `num_sequences` replace the
     local counts when the normaliser must be global (data parallel, gradient accumulation)."""
     masked = torch.where(m > 0, per_token, 0.0)
     if mode == "token-mean":
@@ -290,7 +293,8 @@ def aggregate(per_token: torch.Tensor, m: torch.Tensor, mode: str, num_tokens=No
 # -----------------------------------------------------------------------------------------
 
 def _token_kl(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Tensor:
-    """k of section 3: given (exact, candidate set) or formed from the two log-probs (k2, k3)."""
+    """k of docs/math.md, "KL estimators": given (exact, candidate set) or formed from the two
+    log-probs (k2, k3)."""
     if config.kl_estimator in ("k2", "k3"):
         d = ref_logprobs - logprobs
         kl = 0.5 * d * d if config.kl_estimator == "k2" else torch.exp(d) - 1.0 - d
@@ -300,7 +304,7 @@ def _token_kl(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Te
 
 
 def _value_loss(residual, target, value_norm_denom, num_sequences, config: VIMPOConfig):
-    """Mean over every row (empty rows included) of 1/2 e^2 or huber(e) (section 6)."""
+    """Mean over every row (empty rows included) of 1/2 e^2 or huber(e) (docs/math.md, "Value loss")."""
     if config.value_loss_type == "huber":
         d = config.huber_delta
         per_seq = torch.where(residual.abs() <= d, 0.5 * residual ** 2, d * (residual.abs() - 0.5 * d))
@@ -326,7 +330,8 @@ def _value_norm_denom(target: torch.Tensor, given: Optional[float]) -> torch.Ten
 
 def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids, value_norm_denom,
                      num_sequences, config: VIMPOConfig, return_details: bool):
-    """Section 7: the KL moves from the prediction into the baseline; no actor."""
+    """docs/math.md, "Soft value type": the KL moves from the prediction into the baseline; no
+    actor."""
     old_kl_sum = torch.where(valid, old_token_kl.to(logprobs.dtype), 0.0).detach().sum(-1)
     v0 = group_mean(rewards - config.beta * old_kl_sum, group_ids)
     if config.cap_v0 is not None:
@@ -345,7 +350,8 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
 
 def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
                  num_sequences, process_group, config: VIMPOConfig):
-    """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values (section 11).
+    """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values
+    (docs/math.md, "Adaptive actor coefficient").
 
     Returns (c_A, (v_rms, a_rms) or None). v_t and a_t are the L2 norms over the vocabulary of
     the value-loss (c_V = 1, D = 1) and actor-loss gradients w.r.t. token t's logits.
@@ -380,7 +386,8 @@ def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_
 
 def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs, rollout_is_weights,
                       advantages, num_tokens, num_sequences, config: VIMPOConfig, return_details: bool):
-    """Section 12: outcome advantage from the group, then the PPO loss of section 9."""
+    """docs/math.md, "GRPO family": outcome advantage from the group, then the PPO loss of
+    docs/math.md, "PPO clip and dual clip"."""
     if advantages is None:
         advantages = grpo_advantages(rewards, group_ids, norm_by_std=config.grpo_norm_by_std,
                                      epsilon=config.grpo_epsilon)
