@@ -2,15 +2,26 @@
 
 Run `python -m bench --preset quick` (or `vimpo bench`); see `bench/README.md`.
 
-Layout (one module per concern, one script per op):
-  problems.py          a benchmark point (op, N, H, V, dtype) and its seeded inputs; GEMM floor counts
-  contenders.py        the registry of contenders (ours, the materializing baseline, peers)
-  bench_vimpo_loss.py  op `vimpo`:    the VIMPO loss, exact KL, policy + reference model
-  bench_dapo.py        op `dapo`:     DAPO loss with k3 KL from given reference log-probs (vs Liger)
-  bench_logprobs.py    op `logprobs`: per-token log-prob of the target (vs CCE, torch LCE)
-  truth.py             the float64 truth every contender's output is compared with
-  measure.py           timing, peak extra memory, errors; the per-contender worker process
-  floor.py             the GEMM floor: the unavoidable matmuls, timed with torch.mm
-  runner.py            presets, orchestration, result rows
-  report.py            JSON, Markdown table and PNG plots
+What is measured
+  ops.py          the ops: one `Op` entry each (title, loss config, inputs, floor GEMMs,
+                  tolerances), their points and seeded inputs
+  contenders/     who competes on each op, registered against op names (materialize, ours,
+                  liger, cce, torch_lce); `contenders/ours.py:backend_support` is the one place
+                  that says what a backend of ours can do
+  presets.py      the points of a run, who it leaves out, and the targets it checks
+How it is measured
+  truth.py        the float64 truth every contender is compared with (depends on ops.py alone)
+  floor.py        the GEMM floor: the unavoidable matmuls, timed with torch.mm
+  measure.py      timing and errors of one contender over its points; memory.py: peak memory
+  worker.py       a worker process: one job (truth, floor or contenders) -> a result file
+How a run goes
+  cli.py          the command line (`__main__.py` calls it)
+  runner.py       one run: plan, truth, floors, workers, rows, checks, files
+  plan.py         which contender runs at which point, and why the others do not
+  isolation.py    how workers start (fork server, fresh interpreter, in process)
+  rows.py         result rows with floor and baseline ratios
+  checks.py       correctness and the preset's targets, as data
+  machine.py      machine, versions, git revision
+  report.py       the files of a run; table.py the Markdown table; plots.py the PNGs
+tools/            stand-alone scripts (AOT compile check, roofline, memory, CPU check)
 """

@@ -1,7 +1,7 @@
 """The GEMM floor: the matmuls no implementation can avoid, timed with `torch.mm` in the same run
 on the same shapes and dtype.
 
-Three GEMMs of 2*N*H*V flops each (see `problems.floor_gemms` for which op needs which):
+Three GEMMs of 2*N*H*V flops each (`Op.floor_gemms` in `ops.py` says which op needs which):
   logits    (N, H) @ (H, V)      the forward (once per model: policy, reference)
   d_hidden  (N, V) @ (V, H)
   d_weight  (V, N) @ (N, H)
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .problems import Point
+from .ops import Point
 
 MAX_OPERAND_BYTES = 2 * 2 ** 30
 GEMMS = ("logits", "d_hidden", "d_weight")

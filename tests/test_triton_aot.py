@@ -1,5 +1,5 @@
 """Every Triton kernel and autotune config compiles ahead of time for sm_80 and sm_90 (no GPU)
-without register spills and within the architecture's shared memory (`bench/triton_aot.py`).
+without register spills and within the architecture's shared memory (`bench/tools/triton_aot.py`).
 
 Runs the script in a subprocess: it must compile real (non-interpreted) kernels, while the
 interpreter tests in this session import them with TRITON_INTERPRET=1.
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_aot_every_config_sm80_sm90(tmp_path):
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "triton_aot.py"), "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tools" / "triton_aot.py"), "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

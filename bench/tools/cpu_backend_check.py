@@ -4,8 +4,8 @@ against the materialising reference (`backend="torch"`) and the GEMM floor, plus
 GRPO-family forward-gradient path (DAPO math, reference log-probs given, k3 KL) against its
 own floor.
 
-    python bench/cpu_backend_check.py                      # all contenders, acceptance shape
-    python bench/cpu_backend_check.py --n 1024 --reps 1    # smaller, quicker
+    python bench/tools/cpu_backend_check.py                    # all contenders, acceptance shape
+    python bench/tools/cpu_backend_check.py --n 1024 --reps 1  # smaller, quicker
 
 Method. Every contender runs in its own subprocess (no shared heap or caches). Time: the
 minimum over `--reps` forward+backward runs after one untimed warm-up (time.perf_counter).

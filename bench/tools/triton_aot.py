@@ -1,7 +1,7 @@
 """Ahead-of-time compile every Triton token-statistics kernel and every autotune config for
 sm_80 and sm_90 (no GPU needed) and print registers, local memory and shared memory per kernel.
 
-    python bench/triton_aot.py [--arch 80 90] [--json out.json]
+    python bench/tools/triton_aot.py [--arch 80 90] [--json out.json]
 
 Fails (exit 1) when a config uses local memory (register spills or stack) or more shared
 memory than the architecture gives one block. Each config is compiled with every feature flag
@@ -36,7 +36,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vimpo_kernels.logprobs import triton_autotune as tune  # noqa: E402
 from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Analytic roofline of the Triton token-statistics kernels (docs/roofline.md prints from this).
 
-    python bench/roofline_logprobs.py [--n 4096 --h 1024 --v 32768]
+    python bench/tools/roofline_logprobs.py [--n 4096 --h 1024 --v 32768]
 
 FLOPs, HBM bytes (ideal: every operand read once) and the L2 traffic that the tile sizes imply
 (64 x 64 forward, 64 x 128 backward: the largest tiles that do not spill, see triton_autotune),

@@ -2,7 +2,7 @@
 KL, entropy): the Triton kernels (through Triton's CPU interpreter) against the materialising
 reference, measured in the same run; plus the analytic figure of the GPU kernels.
 
-    TRITON_INTERPRET=1 python bench/memory_logprobs.py [--n 512 --h 64 --v 4096]
+    TRITON_INTERPRET=1 python bench/tools/memory_logprobs.py [--n 512 --h 64 --v 4096]
 
 Measured: the process's peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs
 before each variant) minus its resident memory just before the call, with all inputs already
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
