@@ -49,3 +49,50 @@ def permute(b: Batch, order) -> Batch:
     o = torch.as_tensor(order)
     return Batch(b.logits[o], b.ref_logits[o], b.targets[o], b.mask[o], b.rewards[o], b.group_ids[o],
                  b.old_logprobs[o])
+
+
+def run_ranks(worker, world: int, args: tuple, timeout_s: float = 300.0) -> None:
+    """Run `worker(rank, world, init_file, out_dir, *args)` in `world` spawned processes over a
+    gloo process group rendezvoused through a file in `out_dir` (no port to collide on).
+
+    Each child's stderr (and the traceback of any exception) goes to `<out_dir>/<rank>.err`;
+    on a failure or a timeout the AssertionError carries every rank's stderr, so a flaky
+    failure is never reported without its cause.
+    """
+    import os
+    import torch.multiprocessing as mp
+
+    out_dir = args[0]
+    ctx = mp.start_processes(_rank_main, args=(worker, world, args), nprocs=world, join=False,
+                             start_method="spawn")
+    try:
+        import time
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ranks still running after {timeout_s:.0f} s")
+    except Exception as exc:
+        logs = []
+        for rank in range(world):
+            path = os.path.join(out_dir, f"{rank}.err")
+            text = open(path).read()[-4000:] if os.path.exists(path) else "(no stderr file)"
+            logs.append(f"--- rank {rank} stderr ---\n{text}")
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n" + "\n".join(logs)) from exc
+
+
+def _rank_main(rank, worker, world, args):
+    import os
+    import sys
+    import traceback
+
+    out_dir = args[0]
+    err = open(os.path.join(out_dir, f"{rank}.err"), "w", buffering=1)
+    os.dup2(err.fileno(), 2)  # C++ (gloo, c10) messages too, not only Python's
+    sys.stderr = err
+    try:
+        worker(rank, world, os.path.join(out_dir, "rendezvous"), *args)
+    except BaseException:
+        traceback.print_exc()
+        raise

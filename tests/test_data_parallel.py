@@ -12,9 +12,8 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import random_batch
+from helpers import random_batch, run_ranks
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
@@ -76,6 +75,10 @@ def _worker(rank, world, init_file, out_dir, name):
         loss, grad = _loss_grad(b, rows, CONFIGS[name], process_group=dist.group.WORLD, global_counts=True,
                                 epilogue=_epilogue(name))
         torch.save({"loss": loss, "grad": grad, "rows": rows}, os.path.join(out_dir, f"{rank}.pt"))
+        # No rank tears the group down while another may still use it: in the `dapo` case no
+        # collective runs at all (the advantages are global inputs), so without a barrier one
+        # rank could destroy the group before the other had finished setting it up.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -86,7 +89,7 @@ def test_two_ranks_equal_one_process(name):
     b = _batch()
     whole_loss, whole_grad = _loss_grad(b, torch.arange(len(LENGTHS)), CONFIGS[name], epilogue=_epilogue(name))
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d, name), nprocs=2, join=True)
+        run_ranks(_worker, 2, (d, name))
         parts = [torch.load(os.path.join(d, f"{r}.pt"), weights_only=True) for r in range(2)]
     loss = sum(p["loss"] for p in parts)
     grad = torch.zeros_like(whole_grad)
