@@ -20,7 +20,7 @@ import torch
 from golden_data import golden_cases, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
-from vimpo_kernels.logprobs.compiled_function import grpo_dloss_dlogp
+from vimpo_kernels.vimpo_loss.forward_grad import grpo_dloss_dlogp
 from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
 
 FP64_RTOL, FP32_RTOL = 1e-10, 1e-4
@@ -269,12 +269,12 @@ def test_two_half_batches_give_the_whole_batch_gradient(name):
 @pytest.mark.parametrize("algorithm", ["vimpo", "dapo"])
 @pytest.mark.parametrize("case", ["h-mismatch", "vocab-mismatch", "unbuilt-backend", "target-out-of-range"])
 def test_bad_inputs_raise_before_any_kernel(case, algorithm, monkeypatch):
-    import vimpo_kernels.logprobs.compiled_function as cf
+    from vimpo_kernels import _backends
 
     def boom(*_a, **_k):
         raise AssertionError("a kernel ran before the input check")
 
-    monkeypatch.setattr(cf, "_ext", boom)
+    monkeypatch.setattr(_backends, "require_extension", boom)
     p = _problem(torch.float32)
     cfg = VIMPOConfig.for_algorithm(algorithm, kl_loss_coeff=0.1) if algorithm != "vimpo" else VIMPOConfig()
     kw = dict(ref_hidden=p["ref_hidden"], ref_weight=p["ref_weight"], config=cfg, backend="cpu")

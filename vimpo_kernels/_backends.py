@@ -80,6 +80,16 @@ def extension():
     return _load_extension()[0]
 
 
+def require_extension():
+    """The compiled module, or a RuntimeError that says how to build it. Every kernel launch
+    of the `cpu`/`cuda` backends and the compiled epilogue goes through here."""
+    ext, why = _load_extension()
+    if ext is None:
+        raise RuntimeError(f"vimpo_kernels._C is not importable ({why}): the 'cpu'/'cuda' backends and the "
+                           "compiled epilogue need the extension (`pip install --no-build-isolation -e .`)")
+    return ext
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_status():
     try:

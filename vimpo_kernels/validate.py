@@ -102,3 +102,62 @@ def check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids
         for name, x in (("baseline", baseline), ("advantages", advantages)):
             if x is not None:
                 check_finite(name, x)
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_token_stats_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, kl, mask):
+    """The inputs of `fused_linear_logprobs` (shapes, dtypes, devices, a reference for the KL);
+    returns the leading shape of `hidden`."""
+    check_tensor("hidden", hidden, floating=True, dims=(2, 3))
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be one of {FLOAT_DTYPES}, got {hidden.dtype}")
+    dev, H = hidden.device, hidden.shape[-1]
+    lead = tuple(hidden.shape[:-1])
+    check_tensor("weight", weight, floating=True, dims=(2,), device=dev)
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) to match hidden's last dim H={H}, "
+                         f"got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    check_tensor("targets", targets, integer=True, shape=lead, device=dev)
+    if bias is not None:
+        check_tensor("bias", bias, floating=True, shape=(V,), device=dev)
+    if ref_hidden is not None:
+        check_tensor("ref_hidden", ref_hidden, floating=True, device=dev, dims=(hidden.dim(),))
+        if tuple(ref_hidden.shape[:-1]) != lead:
+            raise ValueError(f"ref_hidden must have leading shape {lead} like hidden, got {tuple(ref_hidden.shape)}")
+    if ref_weight is not None:
+        check_tensor("ref_weight", ref_weight, floating=True, dims=(2,), device=dev)
+        if ref_weight.shape[0] != V:
+            raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {V}: "
+                             "policy and reference must share the vocabulary")
+    ref_h = ref_hidden.shape[-1] if ref_hidden is not None else H
+    if ref_weight is not None and ref_weight.shape[1] != ref_h:
+        raise ValueError(f"ref_weight must have shape ({V}, {ref_h}) to match ref_hidden, got "
+                         f"{tuple(ref_weight.shape)}")
+    if ref_hidden is not None and ref_weight is None and ref_h != H:
+        raise ValueError(f"ref_hidden has H={ref_h} but weight has H={H}; pass ref_weight")
+    if ref_bias is not None:
+        if ref_hidden is None and ref_weight is None:
+            raise ValueError("ref_bias given without ref_hidden or ref_weight")
+        check_tensor("ref_bias", ref_bias, floating=True, shape=(V,), device=dev)
+    if kl not in (None, "exact", "candidate_set"):
+        raise ValueError(f"kl must be None, 'exact' or 'candidate_set', got {kl!r}")
+    if kl is not None and ref_hidden is None and ref_weight is None:
+        raise ValueError(f"kl={kl!r} needs a reference: pass ref_hidden and/or ref_weight")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if mask is not None:
+        check_tensor("mask", mask, shape=lead, device=dev)
+    return lead
+
+
+def check_target_range(targets: torch.Tensor, vocab: int) -> None:
+    if targets.numel() == 0:
+        return
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"targets contains token id {bad} outside the vocabulary [0, {vocab}) "
+                         "(mask out padding positions with `mask`)")

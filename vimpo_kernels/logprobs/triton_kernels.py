@@ -10,28 +10,31 @@ tile with `tl.dot` over H chunks, and keeps per-row online statistics (below). I
 partials, one per split; `merge_partials_kernel` combines the splits exactly. Splitting the
 vocabulary is what keeps the GPU busy when N is small (a few long responses).
 
-Online statistics of a row, for the tiles seen so far (l = tempered policy logits, r = tempered
-reference logits, m / mr = running maxima of l / r):
+Online statistics of a row, for the tiles seen so far, named as in docs/math.md, "Running sums"
+(the C++ passes use the same names): l = tempered policy logits, l_ref = tempered reference
+logits, m / m_ref = their running maxima, x = l - m, x_ref = l_ref - m_ref, e = exp(x):
 
-    s  = sum_j exp(l_j - m)                               (log-sum-exp:  lse = m + log s)
-    sr = sum_j exp(r_j - mr)                              (ref_lse = mr + log sr)
-    a  = sum_j exp(l_j - m) * ((l_j - m) - (r_j - mr))    (KL numerator)
-    b  = sum_j exp(l_j - m) * (l_j - m)                   (entropy numerator)
+    sum_exp     = sum_j e_j                     (log-sum-exp:  lse = m + log sum_exp)
+    sum_exp_ref = sum_j exp(x_ref_j)            (ref_lse = m_ref + log sum_exp_ref)
+    sum_exp_dx  = sum_j e_j (x_j - x_ref_j)     (KL numerator)
+    sum_exp_x   = sum_j e_j x_j                 (entropy numerator)
 
-Derivation of the read-out: log p_j = l_j - m - log s and log q_j = r_j - mr - log sr, so
+Derivation of the read-out: log p_j = x_j - log sum_exp and log q_j = x_ref_j - log sum_exp_ref, so
 
-    KL = sum_j p_j (log p_j - log q_j) = a / s - log s + log sr
-    H  = -sum_j p_j log p_j            = log s - b / s
+    KL = sum_j p_j (log p_j - log q_j) = sum_exp_dx / sum_exp - log sum_exp + log sum_exp_ref
+    H  = -sum_j p_j log p_j            = log sum_exp - sum_exp_x / sum_exp
 
-a and b are kept relative to the running maxima (not as sum p * l) so that huge logits do not
-cancel catastrophically: every factor is O(logit range), never O(logit magnitude). When the
-maxima move from (m, mr) to (m', mr'), with alpha = exp(m - m'):
+sum_exp_dx and sum_exp_x are kept relative to the running maxima (not as sum p * l) so that huge
+logits do not cancel catastrophically: every factor is O(logit range), never O(logit
+magnitude). When the maxima move from (m, m_ref) to (m', m_ref'), with dm = m - m',
+dm_ref = m_ref - m_ref' and scale = exp(dm):
 
-    s <- alpha * s
-    a <- alpha * (a + s * ((m - m') - (mr - mr')))
-    b <- alpha * (b + s * (m - m'))
+    sum_exp     <- scale * sum_exp
+    sum_exp_dx  <- scale * (sum_exp_dx + sum_exp * (dm - dm_ref))
+    sum_exp_x   <- scale * (sum_exp_x + sum_exp * dm)
+    sum_exp_ref <- exp(dm_ref) * sum_exp_ref
 
-(the old s on the right), which is also exactly how two splits are merged.
+(the old sum_exp on the right), which is also exactly how two splits are merged.
 
 Backward (`bwd_kernel`, grid = (row tiles, vocabulary tiles)): recompute one logit tile (and the
 reference tile when the KL carries gradient), form the logit gradient
@@ -66,19 +69,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Finite stand-in for -inf as the initial running maximum: with -inf, `s * (m - m')` would be
+# Finite stand-in for -inf as the initial running maximum: with -inf, `sum_exp * dm` would be
 # 0 * inf = NaN on the first tile; with -1e30 it is 0 and exp(-1e30 - m') underflows to 0.
 NEG_BIG = tl.constexpr(-1.0e30)
 
 # Rows of the partials tensor (NUM_STATS, SPLITS, N).
 STAT_M = tl.constexpr(0)
-STAT_S = tl.constexpr(1)
+STAT_SUM_EXP = tl.constexpr(1)
 STAT_TGT = tl.constexpr(2)
-STAT_MR = tl.constexpr(3)
-STAT_SR = tl.constexpr(4)
-STAT_TGT_R = tl.constexpr(5)
-STAT_KL = tl.constexpr(6)
-STAT_ENT = tl.constexpr(7)
+STAT_M_REF = tl.constexpr(3)
+STAT_SUM_EXP_REF = tl.constexpr(4)
+STAT_TGT_REF = tl.constexpr(5)
+STAT_SUM_EXP_DX = tl.constexpr(6)
+STAT_SUM_EXP_X = tl.constexpr(7)
 NUM_STATS = 8
 
 
@@ -127,13 +130,13 @@ def fwd_partials_kernel(
     tgt = tl.load(TGT + rows, mask=row_mask, other=-1)
 
     m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
     tgt_logit = tl.zeros((BLOCK_N,), tl.float32)
-    mr = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
-    sr = tl.zeros((BLOCK_N,), tl.float32)
+    m_ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    sum_exp_ref = tl.zeros((BLOCK_N,), tl.float32)
     tgt_ref = tl.zeros((BLOCK_N,), tl.float32)
-    kl_num = tl.zeros((BLOCK_N,), tl.float32)
-    ent_num = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_dx = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_x = tl.zeros((BLOCK_N,), tl.float32)
 
     # An empty tail split (v_start >= V) runs no iteration and writes the neutral partials.
     v_start = split * V_PER_SPLIT
@@ -147,43 +150,45 @@ def fwd_partials_kernel(
         l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
         if HAS_REF:
-            r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
-                            inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+            l_ref = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw,
+                                inv_temp, HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
 
         # Logits of masked columns stay finite (zero weights): excluded from the max and given
         # exp = 0, so no inf - inf ever forms.
         is_tgt = cols[None, :] == tgt[:, None]
         m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], l, float("-inf")), axis=1))
-        alpha = tl.exp(m - m_new)
-        l_rel = l - m_new[:, None]
-        e = tl.where(col_mask[None, :], tl.exp(l_rel), 0.0)
+        dm = m - m_new
+        scale = tl.exp(dm)
+        x = l - m_new[:, None]
+        e = tl.where(col_mask[None, :], tl.exp(x), 0.0)
         tgt_logit += tl.sum(tl.where(is_tgt, l, 0.0), axis=1)
         if HAS_REF:
-            mr_new = tl.maximum(mr, tl.max(tl.where(col_mask[None, :], r, float("-inf")), axis=1))
-            r_rel = r - mr_new[:, None]
-            tgt_ref += tl.sum(tl.where(is_tgt, r, 0.0), axis=1)
+            m_ref_new = tl.maximum(m_ref, tl.max(tl.where(col_mask[None, :], l_ref, float("-inf")), axis=1))
+            dm_ref = m_ref - m_ref_new
+            x_ref = l_ref - m_ref_new[:, None]
+            tgt_ref += tl.sum(tl.where(is_tgt, l_ref, 0.0), axis=1)
             if HAS_KL:
-                shift = (m - m_new) - (mr - mr_new)
-                kl_num = alpha * (kl_num + s * shift) + tl.sum(e * (l_rel - r_rel), axis=1)
-            sr = sr * tl.exp(mr - mr_new) + tl.sum(tl.where(col_mask[None, :], tl.exp(r_rel), 0.0), axis=1)
-            mr = mr_new
+                sum_exp_dx = scale * (sum_exp_dx + sum_exp * (dm - dm_ref)) + tl.sum(e * (x - x_ref), axis=1)
+            sum_exp_ref = (sum_exp_ref * tl.exp(dm_ref)
+                           + tl.sum(tl.where(col_mask[None, :], tl.exp(x_ref), 0.0), axis=1))
+            m_ref = m_ref_new
         if HAS_ENTROPY:
-            ent_num = alpha * (ent_num + s * (m - m_new)) + tl.sum(e * l_rel, axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
+            sum_exp_x = scale * (sum_exp_x + sum_exp * dm) + tl.sum(e * x, axis=1)
+        sum_exp = sum_exp * scale + tl.sum(e, axis=1)
         m = m_new
 
     out = PART + split * N + rows
     tl.store(out + STAT_M * stride_part_stat, m, mask=row_mask)
-    tl.store(out + STAT_S * stride_part_stat, s, mask=row_mask)
+    tl.store(out + STAT_SUM_EXP * stride_part_stat, sum_exp, mask=row_mask)
     tl.store(out + STAT_TGT * stride_part_stat, tgt_logit, mask=row_mask)
     if HAS_REF:
-        tl.store(out + STAT_MR * stride_part_stat, mr, mask=row_mask)
-        tl.store(out + STAT_SR * stride_part_stat, sr, mask=row_mask)
-        tl.store(out + STAT_TGT_R * stride_part_stat, tgt_ref, mask=row_mask)
+        tl.store(out + STAT_M_REF * stride_part_stat, m_ref, mask=row_mask)
+        tl.store(out + STAT_SUM_EXP_REF * stride_part_stat, sum_exp_ref, mask=row_mask)
+        tl.store(out + STAT_TGT_REF * stride_part_stat, tgt_ref, mask=row_mask)
     if HAS_KL:
-        tl.store(out + STAT_KL * stride_part_stat, kl_num, mask=row_mask)
+        tl.store(out + STAT_SUM_EXP_DX * stride_part_stat, sum_exp_dx, mask=row_mask)
     if HAS_ENTROPY:
-        tl.store(out + STAT_ENT * stride_part_stat, ent_num, mask=row_mask)
+        tl.store(out + STAT_SUM_EXP_X * stride_part_stat, sum_exp_x, mask=row_mask)
 
 
 @triton.jit
@@ -196,52 +201,54 @@ def merge_partials_kernel(
     row_mask = rows < N
     # Pass 1: the global maxima over the splits (an empty split holds NEG_BIG).
     m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
-    mr = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    m_ref = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     for k in range(0, SPLITS):
         part = PART + k * N + rows
         m = tl.maximum(m, tl.load(part + STAT_M * stride_part_stat, mask=row_mask, other=NEG_BIG))
         if HAS_REF:
-            mr = tl.maximum(mr, tl.load(part + STAT_MR * stride_part_stat, mask=row_mask, other=NEG_BIG))
+            m_ref_k = tl.load(part + STAT_M_REF * stride_part_stat, mask=row_mask, other=NEG_BIG)
+            m_ref = tl.maximum(m_ref, m_ref_k)
     # Pass 2: bring every split to the common maxima (the same rescaling as between tiles).
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    sr = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_ref = tl.zeros((BLOCK_N,), tl.float32)
     tgt = tl.zeros((BLOCK_N,), tl.float32)
-    tgt_r = tl.zeros((BLOCK_N,), tl.float32)
-    kl_num = tl.zeros((BLOCK_N,), tl.float32)
-    ent_num = tl.zeros((BLOCK_N,), tl.float32)
+    tgt_ref = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_dx = tl.zeros((BLOCK_N,), tl.float32)
+    sum_exp_x = tl.zeros((BLOCK_N,), tl.float32)
     for k in range(0, SPLITS):
         part = PART + k * N + rows
         m_k = tl.load(part + STAT_M * stride_part_stat, mask=row_mask, other=NEG_BIG)
-        # Rows past N read s = 1 so that their (unstored) read-out stays finite.
-        s_k = tl.load(part + STAT_S * stride_part_stat, mask=row_mask, other=1.0)
-        alpha = tl.exp(m_k - m)
-        s += alpha * s_k
+        # Rows past N read sum_exp = 1 so that their (unstored) read-out stays finite.
+        sum_exp_k = tl.load(part + STAT_SUM_EXP * stride_part_stat, mask=row_mask, other=1.0)
+        scale = tl.exp(m_k - m)
+        sum_exp += scale * sum_exp_k
         # The target column lies in exactly one split; the others hold 0.
         tgt += tl.load(part + STAT_TGT * stride_part_stat, mask=row_mask, other=0.0)
         if HAS_REF:
-            mr_k = tl.load(part + STAT_MR * stride_part_stat, mask=row_mask, other=NEG_BIG)
-            sr += tl.exp(mr_k - mr) * tl.load(part + STAT_SR * stride_part_stat, mask=row_mask, other=1.0)
-            tgt_r += tl.load(part + STAT_TGT_R * stride_part_stat, mask=row_mask, other=0.0)
+            m_ref_k = tl.load(part + STAT_M_REF * stride_part_stat, mask=row_mask, other=NEG_BIG)
+            sum_exp_ref += tl.exp(m_ref_k - m_ref) * tl.load(part + STAT_SUM_EXP_REF * stride_part_stat,
+                                                             mask=row_mask, other=1.0)
+            tgt_ref += tl.load(part + STAT_TGT_REF * stride_part_stat, mask=row_mask, other=0.0)
             if HAS_KL:
-                a_k = tl.load(part + STAT_KL * stride_part_stat, mask=row_mask, other=0.0)
-                kl_num += alpha * (a_k + s_k * ((m_k - m) - (mr_k - mr)))
+                sum_exp_dx_k = tl.load(part + STAT_SUM_EXP_DX * stride_part_stat, mask=row_mask, other=0.0)
+                sum_exp_dx += scale * (sum_exp_dx_k + sum_exp_k * ((m_k - m) - (m_ref_k - m_ref)))
         if HAS_ENTROPY:
-            b_k = tl.load(part + STAT_ENT * stride_part_stat, mask=row_mask, other=0.0)
-            ent_num += alpha * (b_k + s_k * (m_k - m))
+            sum_exp_x_k = tl.load(part + STAT_SUM_EXP_X * stride_part_stat, mask=row_mask, other=0.0)
+            sum_exp_x += scale * (sum_exp_x_k + sum_exp_k * (m_k - m))
 
-    log_s = tl.log(s)
-    lse = m + log_s
+    log_sum_exp = tl.log(sum_exp)
+    lse = m + log_sum_exp
     tl.store(LSE + rows, lse, mask=row_mask)
     tl.store(LOGP + rows, tgt - lse, mask=row_mask)
     if HAS_REF:
-        log_sr = tl.log(sr)
-        ref_lse = mr + log_sr
+        log_sum_exp_ref = tl.log(sum_exp_ref)
+        ref_lse = m_ref + log_sum_exp_ref
         tl.store(REF_LSE + rows, ref_lse, mask=row_mask)
-        tl.store(REF_LOGP + rows, tgt_r - ref_lse, mask=row_mask)
+        tl.store(REF_LOGP + rows, tgt_ref - ref_lse, mask=row_mask)
         if HAS_KL:
-            tl.store(KL + rows, kl_num / s - log_s + log_sr, mask=row_mask)
+            tl.store(KL + rows, sum_exp_dx / sum_exp - log_sum_exp + log_sum_exp_ref, mask=row_mask)
     if HAS_ENTROPY:
-        tl.store(ENT + rows, log_s - ent_num / s, mask=row_mask)
+        tl.store(ENT + rows, log_sum_exp - sum_exp_x / sum_exp, mask=row_mask)
 
 
 @triton.jit
@@ -265,8 +272,8 @@ def bwd_kernel(
     l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
     if HAS_G_KL:  # both GEMMs before any elementwise tile, as in the forward
-        r = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
-                        HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        l_ref = _logit_tile(RX, RW, RB, rows, cols, row_mask, col_mask, H_REF, stride_rx, stride_rw, inv_temp,
+                            HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
     # Rows past N (clamped copies of row 0) get log p = 0: finite everywhere, zeroed below.
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     logp = tl.where(row_mask[:, None], l - lse[:, None], 0.0)
@@ -281,7 +288,7 @@ def bwd_kernel(
     if HAS_G_LSE:
         dl += tl.load(G_LSE + rows, mask=row_mask, other=0.0)[:, None] * p
     if HAS_G_KL:
-        logq = r - tl.load(REF_LSE + rows, mask=row_mask, other=0.0)[:, None]
+        logq = l_ref - tl.load(REF_LSE + rows, mask=row_mask, other=0.0)[:, None]
         kl = tl.load(KL + rows, mask=row_mask, other=0.0)
         g_kl = tl.load(G_KL + rows, mask=row_mask, other=0.0)
         dl += g_kl[:, None] * tl.where(valid, p * (logp - logq - kl[:, None]), 0.0)

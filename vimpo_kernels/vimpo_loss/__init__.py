@@ -1,8 +1,8 @@
 """The VIMPO loss: per-token reference epilogue (`vimpo_loss`) and the fused end-to-end op."""
 
 from .api import fused_vimpo_loss
-from .reference import (AdaptiveCoeffState, aggregate, group_mean, grpo_advantages, implicit_values,
+from .reference import (AdaptiveCoeffState, aggregate, group_baseline, group_mean, grpo_advantages, implicit_values,
                         reverse_scan_advantage, vimpo_loss, whiten)
 
-__all__ = ["fused_vimpo_loss", "vimpo_loss", "AdaptiveCoeffState", "aggregate", "group_mean",
+__all__ = ["fused_vimpo_loss", "vimpo_loss", "AdaptiveCoeffState", "aggregate", "group_baseline", "group_mean",
            "grpo_advantages", "implicit_values", "reverse_scan_advantage", "whiten"]

@@ -17,6 +17,7 @@ from ..algorithms import needs_reference
 from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
 from .. import _backends
+from .forward_grad import forward_grad_loss
 from .compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
 from .reference import vimpo_loss
 from ..validate import check_mask, check_tensor
@@ -87,8 +88,7 @@ def fused_vimpo_loss(
                            compiled_epilogue=compiled_epilogue_supports(config) is None)
     if route.gradients == "forward":
         # The per-token coefficient is known in the forward: gradients without a recompute.
-        from ..logprobs.compiled_function import compiled_grpo_family_loss
-        return compiled_grpo_family_loss(
+        return forward_grad_loss(
             hidden, weight, targets, mask, rewards, group_ids, bias=bias, ref_logprobs=ref_logprobs,
             ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, old_logprobs=old_logprobs,
             rollout_is_weights=rollout_is_weights, config=config, backend=route.backend, **loss_kwargs)

@@ -19,10 +19,9 @@ import torch
 
 from .. import _backends
 from ..config import VIMPOConfig
-from ..logprobs.compiled_function import aggregation_weights
 from ..validate import check_loss_inputs
-from .reference import (AdaptiveCoeffState, _actor_coeff, _masked_mean, _token_kl, _value_loss, group_mean,
-                        ppo_actor_loss, whiten_stats)
+from .reference import (AdaptiveCoeffState, actor_coefficient, aggregation_weights, group_baseline,
+                        ppo_actor_loss, token_kl_estimate, value_loss_terms, vimpo_metrics, whiten_stats)
 
 _ESTIMATOR_CODE = {"exact": 0, "candidate_set": 0, "k2": 2, "k3": 3}
 
@@ -35,12 +34,6 @@ def compiled_epilogue_supports(config: VIMPOConfig) -> Optional[str]:
         return "value_type='soft' (experimental) runs the reference epilogue"
     return None
 
-
-def _ext():
-    ext = _backends.extension()
-    if ext is None:
-        raise RuntimeError("vimpo_kernels._C is not importable: the compiled epilogue needs the extension")
-    return ext
 
 
 class _EpilogueLoss(torch.autograd.Function):
@@ -87,7 +80,7 @@ def compiled_vimpo_loss(
         raise ValueError(f"compiled epilogue: {why}")
     check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids, old_logprobs,
                       rollout_is_weights, baseline, None, None, logit_grad_norm, config)
-    ext, dt = _ext(), logprobs.dtype
+    ext, dt = _backends.require_extension(), logprobs.dtype
     m = mask.to(dt)
     valid = m > 0
     f64 = lambda x: None if x is None else x.detach().to(torch.float64).contiguous()  # noqa: E731
@@ -100,13 +93,11 @@ def compiled_vimpo_loss(
     # (docs/math.md, "Baseline, target and residual", "Value loss").
     rewards = rewards.to(dt)
     if baseline is None:
-        baseline = group_mean(rewards, group_ids)
-        if config.cap_v0 is not None:
-            baseline = baseline.clamp(max=config.cap_v0)
+        baseline = group_baseline(rewards, group_ids, config.cap_v0)
     target = rewards - baseline.to(dt)
     residual = (seq_value.to(dt) - target).detach().requires_grad_()
     with torch.enable_grad():
-        value_loss_raw, value_loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+        value_loss_raw, value_loss = value_loss_terms(residual, target, value_norm_denom, num_sequences, config)
         (dloss_dseq,) = torch.autograd.grad(value_loss, residual)
     residual = residual.detach()
     if config.whiten_adv:
@@ -133,29 +124,12 @@ def compiled_vimpo_loss(
                                g_kl.to(dt) if want_g_kl else None)
 
     adv, adv_raw = adv.to(dt), adv_raw.to(dt)
-    kl = _token_kl(logprobs.detach(), ref_logprobs, None if token_kl is None else token_kl.detach(), config)
+    kl = token_kl_estimate(logprobs.detach(), ref_logprobs, None if token_kl is None else token_kl.detach(), config)
     n_valid = valid.sum().clamp(min=1).to(dt)
-    adv_mean = _masked_mean(adv, valid)
-    metrics = {
-        "loss": loss_value,
-        "value_loss": value_loss,
-        "value_loss_raw": value_loss_raw,
-        "actor_loss": pg_loss,
-        "actor_coeff": torch.as_tensor(actor_coeff, dtype=dt),
-        "residual_rms": residual.pow(2).mean().sqrt(),
-        "seq_value_mean": seq_value.to(dt).mean(),
-        "target_mean": target.mean(),
-        "adv_mean": adv_mean,
-        "adv_std": _masked_mean((adv - adv_mean) ** 2, valid).sqrt(),
-        "adv_raw_mean": _masked_mean(adv_raw, valid),
-        "kl_mean": _masked_mean(kl, valid),
-        "clip_frac": sums[:, 1].sum().to(dt) / n_valid,
-        "clip_frac_lower": sums[:, 2].sum().to(dt) / n_valid,
-        "ppo_kl": sums[:, 3].sum().to(dt) / n_valid,
-    }
-    if adaptive_rms is not None:
-        metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
-    metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    pg_metrics = {"clip_frac": sums[:, 1].sum().to(dt) / n_valid, "clip_frac_lower": sums[:, 2].sum().to(dt) / n_valid,
+                  "ppo_kl": sums[:, 3].sum().to(dt) / n_valid}
+    metrics = vimpo_metrics(loss_value, value_loss, value_loss_raw, pg_loss, actor_coeff, residual, seq_value.to(dt),
+                            target, adv, adv_raw, kl, valid, pg_metrics, adaptive_rms)
     if return_details:
         # The implicit values are the lambda = 1 scan, negated: adv_raw itself when lam is 1.
         neg_values = adv_raw if config.lam == 1.0 else ext.vimpo_epilogue_scan(
@@ -169,7 +143,7 @@ def compiled_vimpo_loss(
 
 def _adaptive_actor_coeff(logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual,
                           logit_grad_norm, state, num_tokens, num_sequences, process_group, config: VIMPOConfig):
-    """c_A (docs/math.md, "Adaptive actor coefficient"), by the reference's own `_actor_coeff`.
+    """c_A (docs/math.md, "Adaptive actor coefficient"), by the reference's own `actor_coefficient`.
     It needs the whitened advantage, the ratio and the active-token mask before the token pass,
     so they are formed here with the reference's vectorised PPO function (O(B*T), no scan)."""
     dt = logprobs.dtype
@@ -177,5 +151,5 @@ def _adaptive_actor_coeff(logprobs, old_logprobs, adv_raw, mean, rstd, m, valid,
         adv = ((adv_raw - mean) * rstd if config.whiten_adv else adv_raw).to(dt) * m
         _, _, ratio, active = ppo_actor_loss(logprobs.detach(), old_logprobs, adv, m, valid, rollout_is_weights,
                                              num_tokens, num_sequences, config)
-    return _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
+    return actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
                         num_sequences, process_group, config)

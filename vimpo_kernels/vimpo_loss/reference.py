@@ -96,19 +96,17 @@ def vimpo_loss(
     if config.value_type == "soft":
         return _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, group_ids,
                                 value_norm_denom, num_sequences, config, return_details)
-    kl = _token_kl(logprobs, ref_logprobs, token_kl, config)
+    kl = token_kl_estimate(logprobs, ref_logprobs, token_kl, config)
 
     # Token term and implicit terminal value (docs/math.md, "Token term and implicit value").
     u = torch.where(valid, config.beta * (logprobs - ref_logprobs) - config.beta * kl, 0.0)
     seq_value = u.sum(-1)
     # Target and residual (docs/math.md, "Baseline, target and residual"); the baseline is a constant.
     if baseline is None:
-        baseline = group_mean(rewards, group_ids)
-        if config.cap_v0 is not None:
-            baseline = baseline.clamp(max=config.cap_v0)
+        baseline = group_baseline(rewards, group_ids, config.cap_v0)
     target = rewards - baseline.to(rewards.dtype)
     residual = seq_value - target
-    value_loss_raw, value_loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+    value_loss_raw, value_loss = value_loss_terms(residual, target, value_norm_denom, num_sequences, config)
 
     # Actor advantage from the same token term, under no-grad (docs/math.md, "Actor advantage and whitening").
     with torch.no_grad():
@@ -116,34 +114,51 @@ def vimpo_loss(
         adv = whiten(adv_raw, valid, config.whiten_variance, process_group) if config.whiten_adv else adv_raw
     pg_loss, pg_metrics, ratio, active = ppo_actor_loss(
         logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences, config)
-    actor_coeff, adaptive_rms = _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid,
+    actor_coeff, adaptive_rms = actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid,
                                              logit_grad_norm, adaptive_state, num_sequences, process_group,
                                              config)
     loss = value_loss + actor_coeff * pg_loss
-    metrics = {
-        "loss": loss,
-        "value_loss": value_loss,
-        "value_loss_raw": value_loss_raw,
-        "actor_loss": pg_loss,
-        "actor_coeff": torch.as_tensor(actor_coeff, dtype=loss.dtype),
-        "residual_rms": residual.pow(2).mean().sqrt(),
-        "seq_value_mean": seq_value.mean(),
-        "target_mean": target.mean(),
-        "adv_mean": _masked_mean(adv, valid),
-        "adv_std": _masked_mean((adv - _masked_mean(adv, valid)) ** 2, valid).sqrt(),
-        "adv_raw_mean": _masked_mean(adv_raw, valid),
-        "kl_mean": _masked_mean(kl, valid),
-        **pg_metrics,
-    }
-    if adaptive_rms is not None:
-        metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
-    metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+    metrics = vimpo_metrics(loss, value_loss, value_loss_raw, pg_loss, actor_coeff, residual, seq_value, target,
+                            adv, adv_raw, kl, valid, pg_metrics, adaptive_rms)
     if return_details:
         metrics["details"] = {
             "token_kl": kl.detach(), "u": u.detach(), "seq_value": seq_value.detach(), "baseline": baseline,
             "target": target.detach(), "residual": residual.detach(), "values": implicit_values(u.detach(), valid),
             "adv_raw": adv_raw, "adv": adv}
     return loss, metrics
+
+
+def vimpo_metrics(loss, value_loss, value_loss_raw, pg_loss, actor_coeff, residual, seq_value, target, adv,
+                  adv_raw, kl, valid, pg_metrics, adaptive_rms=None) -> dict[str, torch.Tensor]:
+    """The metrics dict of a VIMPO step, detached; every epilogue builds it here, so
+    `metrics.jsonl` has the same keys and meanings whichever backend ran."""
+    adv_mean = masked_mean(adv, valid)
+    metrics = {
+        "loss": loss,
+        "value_loss": value_loss,
+        "value_loss_raw": value_loss_raw,
+        "actor_loss": pg_loss,
+        "actor_coeff": torch.as_tensor(actor_coeff, dtype=torch.as_tensor(loss).dtype),
+        "residual_rms": residual.pow(2).mean().sqrt(),
+        "seq_value_mean": seq_value.mean(),
+        "target_mean": target.mean(),
+        "adv_mean": adv_mean,
+        "adv_std": masked_mean((adv - adv_mean) ** 2, valid).sqrt(),
+        "adv_raw_mean": masked_mean(adv_raw, valid),
+        "kl_mean": masked_mean(kl, valid),
+        **pg_metrics,
+    }
+    if adaptive_rms is not None:
+        metrics["adaptive_value_rms"], metrics["adaptive_actor_rms"] = adaptive_rms
+    return {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
+
+
+def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, cap_v0: Optional[float] = None) -> torch.Tensor:
+    """(B,) b_i: the mean reward of response i's group, capped at `cap_v0` when given
+    (docs/math.md, "Baseline, target and residual"). Under data parallelism or gradient
+    accumulation the trainer computes it once on the whole step batch and passes `baseline=`."""
+    baseline = group_mean(rewards, group_ids)
+    return baseline if cap_v0 is None else baseline.clamp(max=cap_v0)
 
 
 # -----------------------------------------------------------------------------------------
@@ -259,9 +274,9 @@ def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, nu
             ((adv > 0) & (r <= 1.0 + config.clip_ratio_high))
             | ((adv < 0) & (r >= 1.0 - config.clip_ratio_low) & (r <= config.clip_ratio_c)))
         metrics = {
-            "clip_frac": _masked_mean((loss2 > loss1).to(m.dtype), valid),
-            "clip_frac_lower": _masked_mean(((clipped > loss3) & (adv < 0)).to(m.dtype), valid),
-            "ppo_kl": _masked_mean(-log_ratio, valid),
+            "clip_frac": masked_mean((loss2 > loss1).to(m.dtype), valid),
+            "clip_frac_lower": masked_mean(((clipped > loss3) & (adv < 0)).to(m.dtype), valid),
+            "ppo_kl": masked_mean(-log_ratio, valid),
         }
     return pg_loss, metrics, r, active
 
@@ -292,7 +307,7 @@ def aggregate(per_token: torch.Tensor, m: torch.Tensor, mode: str, num_tokens=No
 # Pieces of `vimpo_loss`
 # -----------------------------------------------------------------------------------------
 
-def _token_kl(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Tensor:
+def token_kl_estimate(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Tensor:
     """k of docs/math.md, "KL estimators": given (exact, candidate set) or formed from the two
     log-probs (k2, k3)."""
     if config.kl_estimator in ("k2", "k3"):
@@ -303,7 +318,7 @@ def _token_kl(logprobs, ref_logprobs, token_kl, config: VIMPOConfig) -> torch.Te
     return kl.detach() if config.detach_kl else kl
 
 
-def _value_loss(residual, target, value_norm_denom, num_sequences, config: VIMPOConfig):
+def value_loss_terms(residual, target, value_norm_denom, num_sequences, config: VIMPOConfig):
     """Mean over every row (empty rows included) of 1/2 e^2 or huber(e) (docs/math.md, "Value loss")."""
     if config.value_loss_type == "huber":
         d = config.huber_delta
@@ -339,7 +354,7 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
     target = rewards - v0
     seq_value = torch.where(valid, config.beta * (logprobs - ref_logprobs), 0.0).sum(-1)
     residual = seq_value - target
-    raw, loss = _value_loss(residual, target, value_norm_denom, num_sequences, config)
+    raw, loss = value_loss_terms(residual, target, value_norm_denom, num_sequences, config)
     metrics = {"loss": loss, "value_loss": loss, "value_loss_raw": raw,
                "residual_rms": residual.pow(2).mean().sqrt(), "soft_v0_mean": v0.mean()}
     metrics = {k: v.detach() for k, v in metrics.items()}
@@ -348,7 +363,7 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
     return loss, metrics
 
 
-def _actor_coeff(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
+def actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
                  num_sequences, process_group, config: VIMPOConfig):
     """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values
     (docs/math.md, "Adaptive actor coefficient").
@@ -401,14 +416,37 @@ def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_
         k3 = torch.exp(d) - 1.0 - d
         kl_loss = aggregate(k3, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len)
         loss = loss + config.kl_loss_coeff * kl_loss
-        metrics["kl_mean"] = _masked_mean(k3.detach(), valid)
-    metrics = {"loss": loss, "actor_loss": pg_loss, "adv_mean": _masked_mean(adv, valid), **metrics}
+        metrics["kl_mean"] = masked_mean(k3.detach(), valid)
+    metrics = {"loss": loss, "actor_loss": pg_loss, "adv_mean": masked_mean(adv, valid), **metrics}
     metrics = {k: torch.as_tensor(v).detach() for k, v in metrics.items()}
     if return_details:
         metrics["details"] = {"adv": adv.detach()}
     return loss, metrics
 
 
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     x = torch.where(valid, x.detach(), 0.0)
     return x.sum() / valid.sum().clamp(min=1)
+
+
+def aggregation_weights(mask: torch.Tensor, config: VIMPOConfig, num_tokens=None, num_sequences=None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, T) d aggregate / d per_token_loss of the reference `aggregate` (1/N for token-mean,
+    1/(B' L_i) for seq-mean-token-mean, ...). Taken by autograd through that one function, so
+    the aggregation math is never written twice."""
+    m = mask.to(dtype)
+    with torch.enable_grad():
+        x = torch.zeros_like(m, requires_grad=True)
+        agg = aggregate(x, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len)
+        (w,) = torch.autograd.grad(agg, x)
+    return w
+
+
+def grpo_token_advantages(mask, rewards, group_ids, config: VIMPOConfig, advantages=None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, T) advantage per token, as the reference's `_grpo_family_loss` forms it."""
+    if advantages is None:
+        advantages = grpo_advantages(rewards.to(dtype), group_ids, norm_by_std=config.grpo_norm_by_std,
+                                     epsilon=config.grpo_epsilon)
+    adv = advantages.to(dtype)
+    return (adv[:, None] if adv.dim() == 1 else adv) * mask.to(dtype)
