@@ -31,7 +31,8 @@ import torch
 from packaging.version import Version
 
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
-from vimpo_kernels.vimpo_loss import AdaptiveCoeffState, group_mean
+from vimpo_kernels._backends import BACKENDS
+from vimpo_kernels.vimpo_loss import AdaptiveCoeffState, group_baseline
 
 TRL_SUPPORTED = (">=1.10.0", "<2.0.0")
 TRL_TESTED = ("1.16.0",)
@@ -136,7 +137,7 @@ def _vimpo_fields(value: Any, temperature: float) -> dict:
 
 
 def _check_backend_name(name: str, backend: str) -> None:
-    choices = ("auto", "triton", "cuda", "cpu", "torch")
+    choices = ("auto", *BACKENDS)
     if backend not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {backend!r}")
 
@@ -434,9 +435,7 @@ class VIMPOTrainer(FusedGRPOTrainer):
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         group_ids = torch.arange(rewards.numel(), device=rewards.device) // group_size
-        baseline = group_mean(rewards, group_ids)
-        if self._loss_config.cap_v0 is not None:
-            baseline = baseline.clamp(max=self._loss_config.cap_v0)
+        baseline = group_baseline(rewards, group_ids, self._loss_config.cap_v0)
         # D in float32 over the whole batch, like the reference trainer.
         denom = (rewards.float() - baseline.float()).pow(2).mean()
         rows = slice(self.accelerator.process_index * local_rows, (self.accelerator.process_index + 1) * local_rows)

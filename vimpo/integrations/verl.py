@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from vimpo_kernels import VIMPOConfig, fused_linear_logprobs, vimpo_loss
-from vimpo_kernels.vimpo_loss import group_mean
+from vimpo_kernels.vimpo_loss import group_baseline
 
 VERL_TESTED = ("0.9.1",)
 LOSS_NAME = "vimpo"
@@ -188,10 +188,8 @@ def compute_vimpo_target(token_level_rewards: torch.Tensor, response_mask: torch
     else:
         _, inverse = np.unique(np.asarray(index), return_inverse=True)
         group_ids = torch.as_tensor(inverse.reshape(-1), device=rewards.device)
-    baseline = group_mean(rewards, group_ids)
     cap = {**_PROCESS_FIELDS, **_section(config, "vimpo")}.get("cap_v0")
-    if cap is not None:
-        baseline = baseline.clamp(max=float(cap))
+    baseline = group_baseline(rewards, group_ids, None if cap is None else float(cap))
     target = (rewards - baseline)[:, None].expand_as(token_level_rewards).contiguous()
     return target, target.clone()
 
