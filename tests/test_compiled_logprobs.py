@@ -309,3 +309,35 @@ def test_bad_inputs_raise_before_any_kernel(case, monkeypatch):
         kw["backend"], err, what = "cuda", (RuntimeError, ValueError), "cuda"
     with pytest.raises(err, match=what):
         fused_linear_logprobs(p["hidden"], weight, targets, **kw)
+
+
+def test_torch_compile_fullgraph_through_the_compiled_op():
+    """The compiled cpu op is a `torch.library` custom op with a fake: dynamo traces through it
+    (fullgraph=True raises on any graph break), and forward and backward equal eager."""
+    p = _problem(9, 16, 53, torch.float32)
+
+    def f(hidden, weight):
+        s = compiled_linear_token_stats(hidden, weight, p["targets"], None, p["ref_hidden"], p["ref_weight"], None,
+                                        0.8, True, True)
+        return (s.logprobs + 0.5 * s.kl + 0.1 * s.entropy).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    hc, wc = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    he, we = p["hidden"].clone().requires_grad_(), p["weight"].clone().requires_grad_()
+    compiled(hc, wc).backward()
+    f(he, we).backward()
+    assert torch.equal(hc.grad, he.grad) and torch.equal(wc.grad, we.grad)
+
+
+@pytest.mark.parametrize("features", ["kl-entropy", "candidate-set", "grad-norm", "policy-only"])
+def test_opcheck_fake_and_autograd_registration(features):
+    p = _problem(5, 8, 30, torch.float64)
+    want_kl, topk, want_ent, want_gn = {"kl-entropy": (True, 0, True, False), "candidate-set": (True, 4, False, False),
+                                        "grad-norm": (False, 0, False, True),
+                                        "policy-only": (False, 0, False, False)}[features]
+    ref = features != "policy-only"
+    args = (p["hidden"].requires_grad_(), p["weight"].requires_grad_(), p["bias"], p["targets"],
+            p["ref_hidden"] if ref else None, p["ref_weight"] if ref else None, None, 0.9, want_kl, want_ent,
+            want_gn, topk, 2)
+    torch.library.opcheck(torch.ops.vimpo.compiled_token_stats.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
