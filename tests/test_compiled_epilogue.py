@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from golden_data import golden_cases, load_golden, rel_err
+from golden_data import config_from_case, golden_cases, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.vimpo_loss.compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
@@ -163,7 +163,7 @@ WHITEN = {"dp1": "unbiased", "dpN": "biased"}
 def test_golden_through_compiled_epilogue(case, variant):
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
-    config = VIMPOConfig.from_reference(h).replace(whiten_variance=WHITEN[variant])
+    config = config_from_case(h).replace(whiten_variance=WHITEN[variant])
     if compiled_epilogue_supports(config) is not None:
         pytest.skip(f"not a compiled-epilogue config: {compiled_epilogue_supports(config)}")
     logits = z["policy_logits"].clone().requires_grad_()

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from golden_data import golden_cases, load_golden, rel_err
+from golden_data import config_from_case, golden_cases, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, fused_vimpo_loss, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 from vimpo_kernels.vimpo_loss.forward_grad import grpo_dloss_dlogp
@@ -153,7 +153,7 @@ WHITEN = {"dp1": "unbiased", "dpN": "biased"}
 def test_vimpo_golden_through_compiled_kernel(case, variant):
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
-    cfg = VIMPOConfig.from_reference(h).replace(whiten_variance=WHITEN[variant])
+    cfg = config_from_case(h).replace(whiten_variance=WHITEN[variant])
     Vg = z["policy_logits"].shape[-1]
     eye = torch.eye(Vg, dtype=torch.float64)
     mask = z["response_mask"].bool()
@@ -176,7 +176,7 @@ def test_vimpo_golden_through_compiled_kernel(case, variant):
 def test_grpo_golden_through_compiled_kernel(case):
     z = load_golden("grpo", case)
     h = case["hyperparameters"]
-    cfg = VIMPOConfig.from_reference(h)
+    cfg = config_from_case(h)
     Vg = z["policy_logits"].shape[-1]
     eye = torch.eye(Vg, dtype=torch.float64)
     hidden = z["policy_logits"].clone().requires_grad_()

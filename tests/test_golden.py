@@ -10,7 +10,7 @@ floor scaled by the advantage magnitude (its relative error is meaningless).
 import pytest
 import torch
 
-from golden_data import IN_REPO, cases, golden_cases, golden_dirs, load_golden, rel_err
+from golden_data import IN_REPO, cases, config_from_case, golden_cases, golden_dirs, load_golden, rel_err
 from vimpo_kernels import VIMPOConfig, vimpo_loss
 from vimpo_kernels.logprobs import token_stats_from_logits
 
@@ -20,7 +20,7 @@ WHITEN = {"dp1": "unbiased", "dpN": "biased"}
 
 def _run_vimpo(z, case, variant, soft=False):
     h = case["hyperparameters"]
-    cfg = VIMPOConfig.from_reference(h).replace(whiten_variance=WHITEN[variant])
+    cfg = config_from_case(h).replace(whiten_variance=WHITEN[variant])
     if soft:
         cfg = cfg.replace(value_type="soft")
     logits = z["policy_logits"].clone().requires_grad_()
@@ -105,7 +105,7 @@ _GRPO_MODES = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-toke
 def test_grpo_golden(case):
     z = load_golden("grpo", case)
     h = case["hyperparameters"]
-    base = VIMPOConfig.from_reference(h)
+    base = config_from_case(h)
     mask = z["response_mask"].bool()
     old = None if h["on_policy"] else z["old_log_prob"]
     # Every advantage variant x aggregation the file holds, and the primary one's gradient.
@@ -133,13 +133,13 @@ def test_grpo_golden(case):
 def test_golden_case_maps_onto_config(case):
     """Every golden case's hyperparameters build a config mechanically (cases added through
     VIMPO_GOLDEN_DIR too); a knob we do not know is an error, never a skip."""
-    assert isinstance(VIMPOConfig.from_reference(case["hyperparameters"]), VIMPOConfig)
+    assert isinstance(config_from_case(case["hyperparameters"]), VIMPOConfig)
 
 
 def test_an_unknown_golden_hyperparameter_is_an_error():
     case = cases("vimpo")[0]
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        VIMPOConfig.from_reference({**case["hyperparameters"], "some_new_knob": 1})
+        config_from_case({**case["hyperparameters"], "some_new_knob": 1})
 
 
 def test_the_repository_ships_the_golden_cases():

@@ -39,7 +39,7 @@ if _OLD_INTERPRET is None:
 else:
     os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
 
-from golden_data import golden_cases, load_golden, rel_err  # noqa: E402
+from golden_data import config_from_case, golden_cases, load_golden, rel_err  # noqa: E402
 from vimpo_kernels import VIMPOConfig, _backends, _env, fused_linear_logprobs, vimpo_loss  # noqa: E402
 from vimpo_kernels.logprobs import token_stats_from_logits  # noqa: E402
 from vimpo_kernels.logprobs import triton_autotune as tune  # noqa: E402
@@ -247,7 +247,7 @@ def test_golden_through_kernel(case):
     fp32 epilogue's own rounding over whitening and means."""
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
-    cfg = VIMPOConfig.from_reference(h).replace(whiten_variance="unbiased")
+    cfg = config_from_case(h).replace(whiten_variance="unbiased")
     B, T, V = z["policy_logits"].shape
     eye = torch.eye(V, dtype=torch.float32)
     mask = z["response_mask"].bool()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from golden_data import config_from_case
 from vimpo_kernels import VIMPOConfig, fused_linear_logprobs, fused_vimpo_loss, vimpo_loss
 
 B, T, V, H = 3, 4, 11, 5
@@ -144,6 +145,6 @@ def test_bad_config_names_the_field(field, value):
         VIMPOConfig(**kwargs)
 
 
-def test_from_reference_rejects_unknown_knobs():
+def test_golden_case_mapping_rejects_unknown_knobs():
     with pytest.raises(ValueError, match="unknown hyperparameter"):
-        VIMPOConfig.from_reference({"beta": 0.1, "bogus": 1})
+        config_from_case({"beta": 0.1, "bogus": 1})
