@@ -164,8 +164,7 @@ def test_golden_through_compiled_epilogue(case, variant):
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
     config = config_from_case(h).replace(whiten_variance=WHITEN[variant])
-    if compiled_epilogue_supports(config) is not None:
-        pytest.skip(f"not a compiled-epilogue config: {compiled_epilogue_supports(config)}")
+    assert compiled_epilogue_supports(config) is None, "every VIMPO golden case is a compiled-epilogue config"
     logits = z["policy_logits"].clone().requires_grad_()
     kl = config.kl_estimator if config.kl_estimator in ("exact", "candidate_set") else None
     stats = token_stats_from_logits(logits, z["responses"], ref_logits=z["ref_logits"],

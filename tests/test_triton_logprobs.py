@@ -227,24 +227,31 @@ def test_api_mask_packs_rows_and_zeroes_padding():
     assert torch.all(hidden.grad[~mask] == 0) and hidden.grad[mask].abs().sum() > 0
 
 
-def _exact_kl_first(params):
-    """Cases with the exact KL stay in the default tier; the others (log-probs only) are slow."""
+def _triton_golden_cases():
+    """Exact-KL cases in the default tier, k2/k3 cases slow; the candidate-set cases are declared
+    unsupported (the backend table gives triton no top-k), strictly: the day Triton gains a
+    top-k, the xfail turns into a failure and this list must change."""
     out = []
-    for p in params:
-        case = p.values[0]
-        exact = case is None or case["hyperparameters"]["kl_estimator"] == "exact"
-        out.append(p if exact else pytest.param(*p.values, id=p.id, marks=pytest.mark.slow))
+    for p in golden_cases("vimpo"):
+        kind = p.values[0]["hyperparameters"]["kl_estimator"]
+        marks = list(p.marks)
+        if kind == "candidate_set":
+            marks.append(pytest.mark.xfail(strict=True, raises=ValueError,
+                                           reason="triton has no candidate-set KL (backend table)"))
+        elif kind != "exact":
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(*p.values, id=p.id, marks=marks))
     return out
 
 
-@pytest.mark.parametrize("case", _exact_kl_first(golden_cases("vimpo")))
+@pytest.mark.parametrize("case", _triton_golden_cases())
 def test_golden_through_kernel(case):
     """weight = identity (H = V), hidden = the golden logits: the kernel reproduces log_prob,
-    ref_log_prob and the exact token_kl. fp32 kernel vs float64 golden: 1e-5 relative (max
-    |diff| / max |value|) for log-probs; the KL is a cancellation (a/s - log s + log s_ref) of
-    O(1) terms into O(0.1) values, so 1e-4. For exact-KL cases the VIMPO loss gradient reaches
-    the logits through the kernel's backward (including the non-detached KL of p4): 1e-4, the
-    fp32 epilogue's own rounding over whitening and means."""
+    ref_log_prob and the case's token_kl, and the VIMPO loss gradient reaches the logits through
+    the kernel's backward (including the non-detached KL of p4). fp32 kernel vs float64 golden:
+    1e-5 relative (max |diff| / max |value|) for log-probs; the KL is a cancellation (a/s - log s
+    + log s_ref) of O(1) terms into O(0.1) values, so 1e-4; the gradient 1e-4, the fp32
+    epilogue's own rounding over whitening and means."""
     z = load_golden("vimpo", case)
     h = case["hyperparameters"]
     cfg = config_from_case(h).replace(whiten_variance="unbiased")
@@ -252,13 +259,14 @@ def test_golden_through_kernel(case):
     eye = torch.eye(V, dtype=torch.float32)
     mask = z["response_mask"].bool()
     logits = z["policy_logits"].float().clone().requires_grad_()
+    kl = cfg.kl_estimator if cfg.needs_exact_kl else None
     stats = fused_linear_logprobs(logits, eye, z["responses"], ref_hidden=z["ref_logits"].float(), ref_weight=eye,
-                                  temperature=h["temperature"], kl="exact", backend="triton")
+                                  temperature=h["temperature"], kl=kl, backend="triton",
+                                  topk=cfg.candidate_kl_topk if kl == "candidate_set" else 0)
     assert rel_err(stats.logprobs, z["log_prob"], mask) <= 1e-5
     assert rel_err(stats.ref_logprobs, z["ref_log_prob"], mask) <= 1e-5
-    if h["kl_estimator"] != "exact":
-        return
-    assert rel_err(stats.kl, z["token_kl"], mask) <= 1e-4
+    if kl is not None:
+        assert rel_err(stats.kl, z["token_kl"], mask) <= 1e-4
     loss, _ = vimpo_loss(stats.logprobs, stats.ref_logprobs, stats.kl, mask, z["seq_reward"].float(), z["uid"],
                          old_logprobs=None if h["on_policy"] else z["old_log_prob"].float(), config=cfg,
                          baseline=z["reward_baseline"].float())
