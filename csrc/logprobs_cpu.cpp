@@ -46,15 +46,18 @@ int64_t parallel_vocab_ranges(int64_t vocab, Fn fn) {
   return tasks;
 }
 
-// Running sums of every row of the chunk over vocabulary entries [j0, j1): policy maxima m,
-// sum e, sum e x and, with a reference, its maxima mr, sum er, sum e (x - xr) (token_math.h
-// notation). Written to out[0 .. rows); an empty range gives z = 0 ("empty" to the merge).
+// Running sums of every row of the chunk over vocabulary entries [j0, j1) (docs/math.md,
+// "Running sums"): policy maxima m, sum_exp, sum_exp_x, sum_exp_sq and, with a reference, its
+// maxima m_ref, sum_exp_ref, sum_exp_dx. Written to out[0 .. rows); an empty range gives
+// sum_exp = 0 ("empty" to the merge). Arrays named blk_* hold one block's sums.
 template <class T>
 class RangeSums {
  public:
   RangeSums(int64_t rows, bool with_ref)
-      : n_(rows), ref_(with_ref), m_(rows), mr_(rows), dm_(rows), dmr_(rows), bz_(rows), bzx_(rows), bzr_(rows),
-        bzk_(rows), bzq_(rows), z_(rows, 0.0), zx_(rows, 0.0), zr_(rows, 0.0), zk_(rows, 0.0), zq_(rows, 0.0) {}
+      : n_(rows), ref_(with_ref), m_(rows), m_ref_(rows), dm_(rows), dm_ref_(rows), blk_sum_exp_(rows),
+        blk_sum_exp_x_(rows), blk_sum_exp_ref_(rows), blk_sum_exp_dx_(rows), blk_sum_exp_sq_(rows),
+        sum_exp_(rows, 0.0), sum_exp_x_(rows, 0.0), sum_exp_ref_(rows, 0.0), sum_exp_dx_(rows, 0.0),
+        sum_exp_sq_(rows, 0.0) {}
 
   void sweep(const T* z, const T* zr, int64_t j0, int64_t j1, T it, RowSums<double>* out) {
     if (j0 >= j1) {
@@ -64,11 +67,11 @@ class RangeSums {
     // Start the maxima at the range's first entry: finite for finite logits, so the first
     // rescale multiplies zero sums by a finite factor (an -inf start would give 0 * inf).
     init_maxima(z + j0 * n_, m_.data(), it);
-    if (ref_) init_maxima(zr + j0 * n_, mr_.data(), it);
+    if (ref_) init_maxima(zr + j0 * n_, m_ref_.data(), it);
     for (int64_t jb = j0; jb < j1; jb += kBlock) {
       const int64_t je = std::min(j1, jb + kBlock);
       raise_maxima(z, jb, je, it, m_.data(), dm_.data());
-      if (ref_) raise_maxima(zr, jb, je, it, mr_.data(), dmr_.data());
+      if (ref_) raise_maxima(zr, jb, je, it, m_ref_.data(), dm_ref_.data());
       if (ref_) {
         rescale_running_sums<true>();
         block_sums<true>(z, zr, jb, je, it);
@@ -79,7 +82,8 @@ class RangeSums {
       add_block_sums();
     }
     for (int64_t r = 0; r < n_; ++r)
-      out[r] = RowSums<double>{double(m_[r]), z_[r], zx_[r], ref_ ? double(mr_[r]) : 0.0, zr_[r], zk_[r], zq_[r]};
+      out[r] = RowSums<double>{double(m_[r]), sum_exp_[r], sum_exp_x_[r], ref_ ? double(m_ref_[r]) : 0.0,
+                               sum_exp_ref_[r], sum_exp_dx_[r], sum_exp_sq_[r]};
   }
 
  private:
@@ -91,44 +95,45 @@ class RangeSums {
   // m <- max(m, block max), dm <- old m - new m (<= 0). inv_temp > 0, so the max of the
   // tempered logits is the tempered max.
   void raise_maxima(const T* z, int64_t jb, int64_t je, T it, T* __restrict m, T* __restrict dm) {
-    T* __restrict bm = bz_.data();  // scratch until block_sums overwrites it
+    T* __restrict blk_max = blk_sum_exp_.data();  // scratch until block_sums overwrites it
 #pragma omp simd
-    for (int64_t r = 0; r < n_; ++r) bm[r] = -std::numeric_limits<T>::infinity();
+    for (int64_t r = 0; r < n_; ++r) blk_max[r] = -std::numeric_limits<T>::infinity();
     for (int64_t j = jb; j < je; ++j) {
       const T* __restrict col = z + j * n_;
 #pragma omp simd
-      for (int64_t r = 0; r < n_; ++r) bm[r] = std::max(bm[r], col[r]);
+      for (int64_t r = 0; r < n_; ++r) blk_max[r] = std::max(blk_max[r], col[r]);
     }
 #pragma omp simd
     for (int64_t r = 0; r < n_; ++r) {
-      const T mn = std::max(m[r], bm[r] * it);
+      const T mn = std::max(m[r], blk_max[r] * it);
       dm[r] = m[r] - mn;
       m[r] = mn;
     }
   }
 
-  // Sums relative to an old maximum move to the new one: z' = s z, sum e x' = s (zx + z dm),
-  // sum e (x - xr)' = s (zk + z (dm - dmr)), sum e^2' = s^2 zq, with s = exp(dm). dm = 0 gives
-  // s = 1 exactly.
+  // Sums relative to an old maximum move to the new one, with scale = exp(dm):
+  // sum_exp' = scale sum_exp, sum_exp_x' = scale (sum_exp_x + sum_exp dm),
+  // sum_exp_dx' = scale (sum_exp_dx + sum_exp (dm - dm_ref)), sum_exp_sq' = scale^2 sum_exp_sq,
+  // sum_exp_ref' = exp(dm_ref) sum_exp_ref. dm = 0 gives scale = 1 exactly.
   template <bool kRef>
   void rescale_running_sums() {
     const T* __restrict dm = dm_.data();
-    const T* __restrict dmr = dmr_.data();
-    double* __restrict z = z_.data();
-    double* __restrict zx = zx_.data();
-    double* __restrict zr = zr_.data();
-    double* __restrict zk = zk_.data();
-    double* __restrict zq = zq_.data();
+    const T* __restrict dm_ref = dm_ref_.data();
+    double* __restrict sum_exp = sum_exp_.data();
+    double* __restrict sum_exp_x = sum_exp_x_.data();
+    double* __restrict sum_exp_ref = sum_exp_ref_.data();
+    double* __restrict sum_exp_dx = sum_exp_dx_.data();
+    double* __restrict sum_exp_sq = sum_exp_sq_.data();
 #pragma omp simd
     for (int64_t r = 0; r < n_; ++r) {
-      const double s = double(exp_nonpos(dm[r]));
+      const double scale = double(exp_nonpos(dm[r]));
       if constexpr (kRef) {
-        zk[r] = s * (zk[r] + z[r] * (double(dm[r]) - double(dmr[r])));
-        zr[r] *= double(exp_nonpos(dmr[r]));
+        sum_exp_dx[r] = scale * (sum_exp_dx[r] + sum_exp[r] * (double(dm[r]) - double(dm_ref[r])));
+        sum_exp_ref[r] *= double(exp_nonpos(dm_ref[r]));
       }
-      zx[r] = s * (zx[r] + z[r] * double(dm[r]));
-      zq[r] *= s * s;
-      z[r] *= s;
+      sum_exp_x[r] = scale * (sum_exp_x[r] + sum_exp[r] * double(dm[r]));
+      sum_exp_sq[r] *= scale * scale;
+      sum_exp[r] *= scale;
     }
   }
 
@@ -136,13 +141,14 @@ class RangeSums {
   template <bool kRef>
   void block_sums(const T* zb, const T* zrb, int64_t jb, int64_t je, T it) {
     const T* __restrict m = m_.data();
-    const T* __restrict mr = mr_.data();
-    T* __restrict bz = bz_.data();
-    T* __restrict bzx = bzx_.data();
-    T* __restrict bzr = bzr_.data();
-    T* __restrict bzk = bzk_.data();
-    T* __restrict bzq = bzq_.data();
-    for (T* b : {bz, bzx, bzr, bzk, bzq}) std::fill(b, b + n_, T(0));
+    const T* __restrict m_ref = m_ref_.data();
+    T* __restrict blk_sum_exp = blk_sum_exp_.data();
+    T* __restrict blk_sum_exp_x = blk_sum_exp_x_.data();
+    T* __restrict blk_sum_exp_ref = blk_sum_exp_ref_.data();
+    T* __restrict blk_sum_exp_dx = blk_sum_exp_dx_.data();
+    T* __restrict blk_sum_exp_sq = blk_sum_exp_sq_.data();
+    for (T* b : {blk_sum_exp, blk_sum_exp_x, blk_sum_exp_ref, blk_sum_exp_dx, blk_sum_exp_sq})
+      std::fill(b, b + n_, T(0));
     for (int64_t j = jb; j < je; ++j) {
       const T* __restrict col = zb + j * n_;
       const T* __restrict colr = kRef ? zrb + j * n_ : nullptr;
@@ -150,13 +156,13 @@ class RangeSums {
       for (int64_t r = 0; r < n_; ++r) {
         const T x = col[r] * it - m[r];
         const T e = exp_nonpos(x);
-        bz[r] += e;
-        bzx[r] += e * x;
-        bzq[r] += e * e;
+        blk_sum_exp[r] += e;
+        blk_sum_exp_x[r] += e * x;
+        blk_sum_exp_sq[r] += e * e;
         if constexpr (kRef) {
-          const T xr = colr[r] * it - mr[r];
-          bzr[r] += exp_nonpos(xr);
-          bzk[r] += e * (x - xr);
+          const T x_ref = colr[r] * it - m_ref[r];
+          blk_sum_exp_ref[r] += exp_nonpos(x_ref);
+          blk_sum_exp_dx[r] += e * (x - x_ref);
         }
       }
     }
@@ -164,21 +170,22 @@ class RangeSums {
 
   void add_block_sums() {
     for (int64_t r = 0; r < n_; ++r) {
-      z_[r] += double(bz_[r]);
-      zx_[r] += double(bzx_[r]);
-      zq_[r] += double(bzq_[r]);
+      sum_exp_[r] += double(blk_sum_exp_[r]);
+      sum_exp_x_[r] += double(blk_sum_exp_x_[r]);
+      sum_exp_sq_[r] += double(blk_sum_exp_sq_[r]);
     }
     if (!ref_) return;
     for (int64_t r = 0; r < n_; ++r) {
-      zr_[r] += double(bzr_[r]);
-      zk_[r] += double(bzk_[r]);
+      sum_exp_ref_[r] += double(blk_sum_exp_ref_[r]);
+      sum_exp_dx_[r] += double(blk_sum_exp_dx_[r]);
     }
   }
 
   int64_t n_;
   bool ref_;
-  std::vector<T> m_, mr_, dm_, dmr_, bz_, bzx_, bzr_, bzk_, bzq_;
-  std::vector<double> z_, zx_, zr_, zk_, zq_;
+  std::vector<T> m_, m_ref_, dm_, dm_ref_;
+  std::vector<T> blk_sum_exp_, blk_sum_exp_x_, blk_sum_exp_ref_, blk_sum_exp_dx_, blk_sum_exp_sq_;
+  std::vector<double> sum_exp_, sum_exp_x_, sum_exp_ref_, sum_exp_dx_, sum_exp_sq_;
 };
 
 // Row sums over the whole vocabulary: every task sweeps its range, then the partials merge.
@@ -216,20 +223,20 @@ void forward_rows(const ForwardRows<T>& a) {
   const std::vector<RowSums<double>> s = vocab_sums(a.logits, a.ref_logits, n, a.vocab, it);
   for (int64_t r = 0; r < n; ++r) {
     const int64_t y = a.targets[r];
-    const double lse = row_lse(s[r].m, s[r].z);
+    const double lse = row_lse(s[r].m, s[r].sum_exp);
     a.lse[r] = lse;
     a.logp[r] = T(double(a.logits[y * n + r] * it) - lse);
-    if (a.entropy) a.entropy[r] = T(row_entropy(s[r].z, s[r].zx));
+    if (a.entropy) a.entropy[r] = T(row_entropy(s[r].sum_exp, s[r].sum_exp_x));
     if (a.logit_grad_norm) {
       // e_y as the passes summed it: the same shifted logit through the same exp.
       const double e_y = double(exp_nonpos(T(a.logits[y * n + r] * it - T(s[r].m))));
-      a.logit_grad_norm[r] = T(row_logit_grad_norm(e_y, s[r].z, s[r].zq));
+      a.logit_grad_norm[r] = T(row_logit_grad_norm(e_y, s[r].sum_exp, s[r].sum_exp_sq));
     }
     if (a.ref_logits == nullptr) continue;
-    const double ref_lse = row_lse(s[r].mr, s[r].zr);
+    const double ref_lse = row_lse(s[r].m_ref, s[r].sum_exp_ref);
     a.ref_lse[r] = ref_lse;
     a.ref_logp[r] = T(double(a.ref_logits[y * n + r] * it) - ref_lse);
-    if (a.kl) a.kl[r] = T(row_kl(s[r].z, s[r].zk, s[r].zr));
+    if (a.kl) a.kl[r] = T(row_kl(s[r].sum_exp, s[r].sum_exp_dx, s[r].sum_exp_ref));
   }
 }
 
@@ -296,7 +303,7 @@ void grpo_rows(const GrpoRows<T>& a) {
   const std::vector<RowSums<double>> s = vocab_sums<T>(a.logits, nullptr, n, a.vocab, it);
   std::vector<T> lse(n), scale(n);
   for (int64_t r = 0; r < n; ++r) {
-    const double lse_r = row_lse(s[r].m, s[r].z);
+    const double lse_r = row_lse(s[r].m, s[r].sum_exp);
     lse[r] = T(lse_r);
     const T logp = T(double(a.logits[a.targets[r] * n + r] * it) - lse_r);
     const T old = a.old_logp ? a.old_logp[r] : logp;

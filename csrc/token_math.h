@@ -2,14 +2,16 @@
 // (logprobs_cpu.cpp) and the CUDA kernels (cuda/logprobs_cuda.cu): the CPU tests exercise the
 // same formulas the GPU runs.
 //
-// Notation (docs/math.md, "Running sums"): z raw logits, l = z / tau tempered logits, m = max_j l_j,
-// x_j = l_j - m <= 0. A row pass accumulates, with e_j = exp(x_j) and er_j = exp(xr_j):
-//   z_sum  = sum e_j                       -> lse = m + log z_sum
-//   zx_sum = sum e_j x_j                   -> entropy = log z_sum - zx_sum / z_sum
-//   zr_sum = sum er_j                      -> ref_lse = m_r + log zr_sum
-//   zk_sum = sum e_j (x_j - xr_j)          -> KL(p||q) = zk_sum / z_sum - log z_sum + log zr_sum
-//   zq_sum = sum e_j^2                     -> sum_j p_j^2 = zq_sum / z_sum^2 (the adaptive actor
-//                                             coefficient's ||d logp_y / d l|| = sqrt(1 - 2 p_y + sum p^2))
+// Notation and symbol table: docs/math.md, "Running sums" (the same names as the Triton kernels).
+// z / zr raw policy / reference logits, l = z / tau and l_ref = zr / tau tempered logits,
+// m = max_j l_j, m_ref = max_j l_ref_j, x_j = l_j - m <= 0, x_ref_j = l_ref_j - m_ref <= 0,
+// e_j = exp(x_j). A row pass accumulates
+//   sum_exp     = sum e_j                -> lse = m + log sum_exp
+//   sum_exp_x   = sum e_j x_j            -> entropy = log sum_exp - sum_exp_x / sum_exp
+//   sum_exp_ref = sum exp(x_ref_j)       -> ref_lse = m_ref + log sum_exp_ref
+//   sum_exp_dx  = sum e_j (x_j - x_ref_j) -> KL(p||q) = sum_exp_dx / sum_exp - log sum_exp + log sum_exp_ref
+//   sum_exp_sq  = sum e_j^2              -> sum_j p_j^2 = sum_exp_sq / sum_exp^2 (the adaptive actor
+//                                           coefficient's ||d logp_y / d l|| = sqrt(1 - 2 p_y + sum p^2))
 // Shifting both rows by their own max before differencing keeps KL and entropy free of the
 // cancellation that sum p (l - l_ref) - (lse - ref_lse) suffers when the logits carry large
 // row offsets.
@@ -61,25 +63,27 @@ VIMPO_HD double exp_nonpos(double x) { return exp(x); }
 // ---- forward: finish a row from its sums ----------------------------------------------------
 
 template <class T>
-VIMPO_HD T row_lse(T row_max, T z_sum) { return row_max + log(z_sum); }
+VIMPO_HD T row_lse(T row_max, T sum_exp) { return row_max + log(sum_exp); }
 
 template <class T>
-VIMPO_HD T row_entropy(T z_sum, T zx_sum) { return log(z_sum) - zx_sum / z_sum; }
+VIMPO_HD T row_entropy(T sum_exp, T sum_exp_x) { return log(sum_exp) - sum_exp_x / sum_exp; }
 
 template <class T>
-VIMPO_HD T row_kl(T z_sum, T zk_sum, T zr_sum) { return zk_sum / z_sum - log(z_sum) + log(zr_sum); }
+VIMPO_HD T row_kl(T sum_exp, T sum_exp_dx, T sum_exp_ref) {
+  return sum_exp_dx / sum_exp - log(sum_exp) + log(sum_exp_ref);
+}
 
 // ||d logp_y / d l||_2 = sqrt(1 - 2 p_y + sum_j p_j^2) = sqrt((1 - p_y)^2 + sum_{j != y} p_j^2),
 // from the target's e_y = exp(x_y) (the term the sums hold) and the row sums. As written first
 // it cancels to rounding noise when p_y -> 1 (fp32: ~3e-4 absolute error in a norm of ~1e-6);
-// in the second form 1 - p_y = (z - e_y) / z carries only the sums' rounding, and the
+// in the second form 1 - p_y = (sum_exp - e_y) / sum_exp carries only the sums' rounding, and the
 // sum over j != y, itself a difference, is clamped to [0, (1 - p_y)^2], where it must lie.
 template <class T>
-VIMPO_HD T row_logit_grad_norm(T e_y, T z_sum, T zq_sum) {
-  const T rest = z_sum - e_y;  // sum_{j != y} e_j
-  T rest_sq = zq_sum - e_y * e_y;
+VIMPO_HD T row_logit_grad_norm(T e_y, T sum_exp, T sum_exp_sq) {
+  const T rest = sum_exp - e_y;  // sum_{j != y} e_j
+  T rest_sq = sum_exp_sq - e_y * e_y;
   rest_sq = rest_sq < T(0) ? T(0) : (rest_sq > rest * rest ? rest * rest : rest_sq);
-  return sqrt(rest * rest + rest_sq) / z_sum;
+  return sqrt(rest * rest + rest_sq) / sum_exp;
 }
 
 // A row constant c (an lse) kept in fp64 and applied as hi + lo in T. In the backward,
@@ -100,31 +104,36 @@ VIMPO_HD SplitConst<T> split_const(double c) {
 
 // ---- online merge of partial row sums ------------------------------------------------------
 // Sums over a part of the vocabulary, each relative to that part's own maxima m (policy) and
-// mr (reference). Merging rescales by exp(old max - new max); the shifted sums also move by
-// the max difference: sum e (x + dm) = zx + z dm. A part with z = 0 is empty (its max may be
-// -inf, so it must not enter the arithmetic). Without a reference, mr/zr/zk are unused.
-// The squares move by the square of the scale: sum (e s)^2 = zq s^2.
+// m_ref (reference). Merging rescales by scale = exp(dm), dm = old max - new max; the shifted
+// sums also move by the max difference: sum e (x + dm) = sum_exp_x + sum_exp dm. A part with
+// sum_exp = 0 is empty (its max may be -inf, so it must not enter the arithmetic). Without a
+// reference, m_ref / sum_exp_ref / sum_exp_dx are unused. The squares move by the square of
+// the scale: sum (e scale)^2 = sum_exp_sq scale^2.
 template <class T>
 struct RowSums {
-  T m, z, zx, mr, zr, zk, zq;
+  T m, sum_exp, sum_exp_x, m_ref, sum_exp_ref, sum_exp_dx, sum_exp_sq;
 };
 
 template <class T>
-VIMPO_HD T rescaled(T scale, T sum, T z, T dm) { return scale == T(0) ? T(0) : scale * (sum + z * dm); }
+VIMPO_HD T rescaled(T scale, T sum, T sum_exp, T dm) {
+  return scale == T(0) ? T(0) : scale * (sum + sum_exp * dm);
+}
 
 template <class T>
 VIMPO_HD RowSums<T> merge_row_sums(const RowSums<T>& a, const RowSums<T>& b) {
-  if (a.z == T(0)) return b;
-  if (b.z == T(0)) return a;
+  if (a.sum_exp == T(0)) return b;
+  if (b.sum_exp == T(0)) return a;
   RowSums<T> o;
   o.m = a.m > b.m ? a.m : b.m;
-  o.mr = a.mr > b.mr ? a.mr : b.mr;
-  const T sa = exp(a.m - o.m), sb = exp(b.m - o.m);
-  o.z = a.z * sa + b.z * sb;
-  o.zx = rescaled(sa, a.zx, a.z, a.m - o.m) + rescaled(sb, b.zx, b.z, b.m - o.m);
-  o.zr = a.zr * exp(a.mr - o.mr) + b.zr * exp(b.mr - o.mr);
-  o.zk = rescaled(sa, a.zk, a.z, (a.m - o.m) - (a.mr - o.mr)) + rescaled(sb, b.zk, b.z, (b.m - o.m) - (b.mr - o.mr));
-  o.zq = a.zq * sa * sa + b.zq * sb * sb;
+  o.m_ref = a.m_ref > b.m_ref ? a.m_ref : b.m_ref;
+  const T scale_a = exp(a.m - o.m), scale_b = exp(b.m - o.m);
+  o.sum_exp = a.sum_exp * scale_a + b.sum_exp * scale_b;
+  o.sum_exp_x = rescaled(scale_a, a.sum_exp_x, a.sum_exp, a.m - o.m) +
+                rescaled(scale_b, b.sum_exp_x, b.sum_exp, b.m - o.m);
+  o.sum_exp_ref = a.sum_exp_ref * exp(a.m_ref - o.m_ref) + b.sum_exp_ref * exp(b.m_ref - o.m_ref);
+  o.sum_exp_dx = rescaled(scale_a, a.sum_exp_dx, a.sum_exp, (a.m - o.m) - (a.m_ref - o.m_ref)) +
+                 rescaled(scale_b, b.sum_exp_dx, b.sum_exp, (b.m - o.m) - (b.m_ref - o.m_ref));
+  o.sum_exp_sq = a.sum_exp_sq * scale_a * scale_a + b.sum_exp_sq * scale_b * scale_b;
   return o;
 }
 

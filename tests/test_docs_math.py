@@ -1,5 +1,6 @@
 """docs/math.md is the one written form of the math: the repository cites nothing outside itself,
-and every `docs/math.md, "Heading"` citation names a heading that exists."""
+every citation of docs/math.md by heading names a heading that exists, and the running-sum
+names of its symbol table are the ones the kernel sources use."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
 # Written in pieces so that this file does not match itself.
 OUTSIDE = ("shared" + "/spec", "vimpo" + "-math.md")
-# `docs/math.md, "A"`, optionally continued by `, "B"`, ` to "B"` or ` and "B"` on the same line.
+# docs/math.md, then a comma and a quoted heading, optionally followed on the same line by more
+# quoted headings joined by a comma, " to " or " and ".
 CITATION = re.compile(r'docs/math\.md, ("[^"\n]+"(?:(?:, | to | and )"[^"\n]+")*)')
 ANCHOR = re.compile(r"\bmath\.md#([\w-]+)")
 
@@ -68,6 +70,8 @@ def test_every_citation_names_an_existing_heading():
     slugs = {_slug(h) for h in heads}
     cited, bad = 0, []
     for name, text in _tracked_texts().items():
+        if name == "tests/test_docs_math.py":
+            continue  # its patterns are not citations
         for i, line in enumerate(text.splitlines(), 1):
             for group in CITATION.findall(line):
                 for heading in re.findall(r'"([^"]+)"', group):
@@ -80,3 +84,25 @@ def test_every_citation_names_an_existing_heading():
     assert not bad, "no such heading in docs/math.md:\n" + "\n".join(bad)
     assert cited >= 20, f"only {cited} citations of docs/math.md found: is the pattern still right?"
 
+
+def _running_sum_names() -> list[tuple[str, bool]]:
+    """(name, C++ only) for each row of the "Running sums" table."""
+    text = MATH.read_text().split("## Running sums", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        for name in re.findall(r"`(\w+)`", cells[0] if cells else ""):
+            rows.append((name, "C++ only" in line))
+    return rows
+
+
+def test_running_sum_names_are_the_kernels_names():
+    rows = _running_sum_names()
+    assert len(rows) >= 8, rows
+    cpp = "".join((ROOT / "csrc" / f).read_text() for f in
+                  ("token_math.h", "logprobs_cpu.cpp", "cuda/logprobs_cuda.cu"))
+    triton = (ROOT / "vimpo_kernels" / "logprobs" / "triton_kernels.py").read_text()
+    has = lambda src, name: re.search(rf"\b{name}\b", src) is not None  # noqa: E731
+    missing = [f"{name} (C++)" for name, _ in rows if not has(cpp, name)]
+    missing += [f"{name} (Triton)" for name, cpp_only in rows if not cpp_only and not has(triton, name)]
+    assert not missing, f"docs/math.md \"Running sums\" names absent from the kernels: {missing}"

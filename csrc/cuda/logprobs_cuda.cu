@@ -26,9 +26,9 @@ __device__ RowSums<T> thread_sums(const T* z, const T* zr, int64_t vocab, T it) 
   RowSums<T> s{T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     const T l = z[j] * it;
-    const T lr = zr ? zr[j] * it : T(0);
-    // A one-entry part: max = the entry itself, so x = 0 and e = 1.
-    const RowSums<T> one{l, T(1), T(0), lr, zr ? T(1) : T(0), T(0), T(1)};
+    const T l_ref = zr ? zr[j] * it : T(0);
+    // A one-entry part (docs/math.md, "Running sums"): max = the entry itself, so x = 0, e = 1.
+    const RowSums<T> one{l, T(1), T(0), l_ref, zr ? T(1) : T(0), T(0), T(1)};
     s = merge_row_sums(s, one);
   }
   return s;
@@ -56,16 +56,17 @@ __global__ void forward_kernel(ForwardRows<T> a) {
   const RowSums<T> s = block_sums(thread_sums(z, zr, a.vocab, a.inv_temp));
   if (threadIdx.x != 0) return;
   const int64_t y = a.targets[r];
-  const double lse = double(s.m) + log(double(s.z));
+  const double lse = double(s.m) + log(double(s.sum_exp));
   a.lse[r] = lse;
   a.logp[r] = T(double(z[y] * a.inv_temp) - lse);
-  if (a.entropy) a.entropy[r] = row_entropy(s.z, s.zx);
-  if (a.logit_grad_norm) a.logit_grad_norm[r] = row_logit_grad_norm(exp_nonpos(z[y] * a.inv_temp - s.m), s.z, s.zq);
+  if (a.entropy) a.entropy[r] = row_entropy(s.sum_exp, s.sum_exp_x);
+  if (a.logit_grad_norm)
+    a.logit_grad_norm[r] = row_logit_grad_norm(exp_nonpos(z[y] * a.inv_temp - s.m), s.sum_exp, s.sum_exp_sq);
   if (!zr) return;
-  const double ref_lse = double(s.mr) + log(double(s.zr));
+  const double ref_lse = double(s.m_ref) + log(double(s.sum_exp_ref));
   a.ref_lse[r] = ref_lse;
   a.ref_logp[r] = T(double(zr[y] * a.inv_temp) - ref_lse);
-  if (a.kl) a.kl[r] = row_kl(s.z, s.zk, s.zr);
+  if (a.kl) a.kl[r] = row_kl(s.sum_exp, s.sum_exp_dx, s.sum_exp_ref);
 }
 
 template <class T>
@@ -99,7 +100,7 @@ __global__ void grpo_kernel(GrpoRows<T> a) {
   const RowSums<T> s = block_sums(thread_sums<T>(z, nullptr, a.vocab, it));
   __shared__ T shared_g;
   const int64_t y = a.targets[r];
-  const double lse64 = double(s.m) + log(double(s.z));
+  const double lse64 = double(s.m) + log(double(s.sum_exp));
   const T lse = T(lse64);
   if (threadIdx.x == 0) {
     const T logp = T(double(z[y] * it) - lse64);
