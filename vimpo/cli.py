@@ -7,6 +7,7 @@
     vimpo eval [--config FILE] [key=value ...]   # held-out accuracy of model.name_or_path
     vimpo bench [args ...]                       # the repository's bench/ runner
     vimpo selftest [--device cpu|cuda] [--dtype fp32|bf16|all]   # every backend vs the reference
+    vimpo study [--preset quick|full] [--workers N] [key=value ...]  # algorithms x noise x seeds x tasks
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return run_bench(argv[1:])
+    if argv and argv[0] == "study":
+        from .study import main as study_main
+
+        return study_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -54,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     sub.add_parser("bench", help="run the repository's benchmarks (bench/__main__.py)")
+    sub.add_parser("study", help="grid of algorithms x reward noise x seeds x built-in tasks (docs/study.md)")
     s = sub.add_parser("selftest", help="every kernel backend on this device against the float64 reference; "
                                         "exit 1 when one fails")
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible, else cpu")
@@ -84,7 +90,7 @@ def _train(cfg) -> int:
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(summary)
-    return 0
+    return 3 if summary.get("stopped_at") is not None else 0  # 3: stopped by train.stop_on_collapse
 
 
 def _sft(cfg) -> int:

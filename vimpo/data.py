@@ -17,8 +17,8 @@ from .train_config import DataConfig
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), each record {"prompt": str, "answer": str}."""
     if cfg.train == "toy":
-        train = toy.problems("train", cfg.toy_max_operand, cfg.toy_teacher_error)
-        evals = toy.eval_problems(cfg.toy_max_operand, cfg.toy_eval_size)
+        train = toy.problems("train", cfg.toy_max_operand, cfg.toy_teacher_error, task=cfg.toy_task)
+        evals = toy.eval_problems(cfg.toy_max_operand, cfg.toy_eval_size, task=cfg.toy_task)
         return train, evals
     train = load_records(cfg.train, cfg.train_split, cfg, "data.train")
     if cfg.eval is not None:

@@ -29,15 +29,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def load_policy(cfg: ModelConfig, seed: int = 0):
-    """(model, tokenizer) for `cfg.name_or_path`: the embedded toy model or any causal LM."""
+def load_policy(cfg: ModelConfig, seed: int = 0, task: str = "addition"):
+    """(model, tokenizer) for `cfg.name_or_path`: the embedded toy model (its vocabulary that
+    of the toy `task`) or any causal LM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _DTYPES[cfg.dtype]
     check_attention(cfg.attn_implementation)
     if cfg.name_or_path == "toy":
-        tokenizer = toy.build_tokenizer()
-        config = toy.tiny_model_config(cfg.toy_hidden_size, cfg.toy_layers, cfg.toy_heads)
+        tokenizer = toy.build_tokenizer(task)
+        config = toy.tiny_model_config(cfg.toy_hidden_size, cfg.toy_layers, cfg.toy_heads, task=task)
         config._attn_implementation = cfg.attn_implementation
         with torch.random.fork_rng(devices=[]):  # model init must not shift the run's RNG stream
             torch.manual_seed(seed)
@@ -143,9 +144,11 @@ class PolicyWithReference(nn.Module):
     def forward(self, batch: Optional[SequenceBatch], rewards: Optional[torch.Tensor] = None,
                 group_ids: Optional[torch.Tensor] = None, *, config: Optional[VIMPOConfig] = None,
                 backend: str = "auto", generate: Optional[dict] = None, logprobs_only: bool = False,
-                **loss_kwargs: Any):
+                token_stats: bool = False, **loss_kwargs: Any):
         if logprobs_only:  # behaviour log-probs for an off-policy update
             return self.policy_logprobs(batch, config.temperature, backend)
+        if token_stats:  # the adaptive actor coefficient's statistics pass (vimpo/adaptive.py)
+            return self.token_stats(batch, config, backend)
         if generate is not None:  # sampling inside the root forward: see `generate`
             return self.policy.generate(**generate)
         if batch is None:  # see `initialise_fsdp`
@@ -175,6 +178,20 @@ class PolicyWithReference(nn.Module):
         must be built on the sharded parameters, not on the temporary unsharded ones."""
         self(None)
         self.reshard()
+
+    @torch.no_grad()
+    def token_stats(self, batch: SequenceBatch, config: VIMPOConfig, backend: str = "auto"):
+        """No-grad token statistics of both models: log-probs, reference log-probs, the KL of
+        the loss and ||d logp / d logits|| (what the adaptive actor coefficient needs)."""
+        hidden = response_hidden(self.policy, batch)
+        weight, bias = lm_head(self.policy)
+        ref_hidden = response_hidden(self.reference, batch)
+        ref_weight, ref_bias = lm_head(self.reference)
+        kl = config.kl_estimator if config.kl_estimator in ("exact", "candidate_set") else None
+        return fused_linear_logprobs(hidden, weight, batch.targets, bias=bias, ref_hidden=ref_hidden,
+                                     ref_weight=ref_weight, ref_bias=ref_bias, temperature=config.temperature,
+                                     kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
+                                     return_logit_grad_norm=True, mask=batch.mask.bool(), backend=backend)
 
     def _needs_reference(self, config: VIMPOConfig) -> bool:
         needed = not config.is_grpo_family or config.kl_loss_coeff > 0

@@ -24,6 +24,8 @@ ALGORITHMS = ("vimpo", "grpo", "dr_grpo", "dapo")
 ROLLOUT_BACKENDS = ("hf", "vllm", "vllm-cpu")
 OLD_LOGPROB_SOURCES = ("recompute", "rollout")
 DTYPES = ("float32", "bfloat16", "float16")
+TOY_TASKS = ("addition", "carry")
+RECIPES = ("default", "paper")
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,11 @@ class DataConfig:
     answer_key: str = "answer"
     max_prompt_length: int = 512
     """Prompts longer than this (in tokens) are an error, reported with the record index."""
+    toy_task: str = "addition"
+    """`addition` (a+b=, 3-4 token answers) or `carry` (written-out column addition, 28-31
+    token answers); see vimpo/toy.py."""
     toy_max_operand: int = 99
+    """Largest operand of the `addition` task."""
     toy_eval_size: int = 500
     toy_teacher_error: float = 0.0
     """Share of toy training pairs whose warm-start demonstration is off by one (see toy.py)."""
@@ -105,6 +111,15 @@ class RewardConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "vimpo"
+    recipe: str = "default"
+    """VIMPO only. `default`: beta = `beta_per_sequence` / (mean response length of the first
+    step's rollouts) and the adaptive actor coefficient (see docs/trainer.md, "Defaults");
+    `paper`: the paper's recipe verbatim (`VIMPOConfig()`: beta 5e-4, fixed c_A 5e-3), sized
+    for ~2000-token responses. Either way `loss` overrides win."""
+    beta_per_sequence: float = 1.0
+    """The `default` recipe's beta x (mean response length): the implicit value
+    beta * sum(log-ratio) can reach an O(1) target with an O(1) log-ratio per token, whatever
+    the response length. The paper's 5e-4 over ~2000 tokens is about 1."""
     loss: dict = field(default_factory=dict)
     """Overrides of `vimpo_kernels.VIMPOConfig` fields (beta, actor_coeff, clip_ratio_high, ...)."""
     backend: str = "auto"
@@ -138,6 +153,11 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False
     progress: bool = True
+    stop_on_collapse: bool = False
+    """Stop with exit status 3 when the collapse monitor fires (vimpo/monitor.py), keeping
+    the checkpoints written before it; otherwise it warns once and training goes on."""
+    collapse_kl_per_token: float = 1.0
+    """The monitor's limit on the KL to the reference per token (nats)."""
     cpu_threads: Optional[int] = None
     """torch intra-op threads on CPU (None = torch's default). Tiny models run fastest on 1:
     thread synchronisation costs more than their matrix products."""
@@ -165,29 +185,42 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
-    def loss_config(self) -> VIMPOConfig:
-        """The `VIMPOConfig` of the loss; sampling temperature is shared with the rollout."""
-        overrides = {"temperature": self.rollout.temperature, **self.algorithm.loss}
+    def loss_config(self, beta: Optional[float] = None) -> VIMPOConfig:
+        """The `VIMPOConfig` of the loss; sampling temperature is shared with the rollout.
+
+        `beta`: the `default` recipe's length-scaled beta once the trainer has measured the
+        response length (before that, and under `paper`, the paper's)."""
+        overrides: dict[str, Any] = {"temperature": self.rollout.temperature}
+        if self.algorithm.name == "vimpo" and self.algorithm.recipe == "default":
+            overrides.update(DEFAULT_RECIPE)
+            if beta is not None:
+                overrides["beta"] = beta
+        overrides.update(self.algorithm.loss)
         return VIMPOConfig.for_algorithm(self.algorithm.name, **overrides)
+
+    @property
+    def length_scaled_beta(self) -> bool:
+        """Whether the trainer sets beta from the first step's response length."""
+        return (self.algorithm.name == "vimpo" and self.algorithm.recipe == "default"
+                and "beta" not in self.algorithm.loss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# What the `default` recipe changes in `VIMPOConfig()` (the paper's recipe), besides beta.
+DEFAULT_RECIPE: dict[str, Any] = {"adaptive_actor_coeff": True}
+
 # The embedded default: the toy arithmetic task on the tiny model, a supervised warm start that
-# imitates a sloppy teacher (off by one on 60% of the pairs), then VIMPO with the exact verifier.
-# Sized to finish in about two minutes on 2 CPU cores (see docs/trainer.md).
-#
-# actor_coeff: the paper's 5e-3 balances a per-token actor weight c_A/N against a value weight
-# beta*|e|/B for ~2000-token responses (value/actor ~ 100). With 3-4 token answers that balance
-# needs c_A ~ 5e-3 * 3.5/2000 ~ 1e-5; at 5e-3 the actor term, which amplifies drift from the
-# reference before the implicit value has fitted, dominates and the policy collapses.
+# imitates a sloppy teacher (off by one on 60% of the pairs), then VIMPO with the exact verifier
+# and the default recipe (beta scaled by the response length, adaptive actor coefficient; no
+# hand-set coefficient). Sized to finish in about two minutes on 2 CPU cores (docs/trainer.md).
 DEFAULT_TOY = {
     "model": {"name_or_path": "toy"},
     "data": {"train": "toy", "max_prompt_length": 16, "toy_teacher_error": 0.6},
     "rollout": {"n": 8, "max_new_tokens": 5},
     "reward": {"fn": "toy"},
-    "algorithm": {"name": "vimpo", "loss": {"actor_coeff": 1.0e-5}},
+    "algorithm": {"name": "vimpo", "recipe": "default"},
     "optim": {"lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.0},
     "train": {"steps": 100, "prompts_per_step": 32, "micro_batch_size": 256, "eval_every": 10,
               "checkpoint_every": 25, "output_dir": "runs/toy", "cpu_threads": 1},
@@ -222,6 +255,7 @@ def validate(cfg: Config) -> None:
     _choice("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS)
     _choice("rollout.old_logprobs", cfg.rollout.old_logprobs, OLD_LOGPROB_SOURCES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("data.toy_task", cfg.data.toy_task, TOY_TASKS)
     for key in ("train.steps", "train.prompts_per_step", "train.micro_batch_size", "train.mini_batches",
                 "train.ppo_epochs", "train.eval_every", "train.checkpoint_every", "train.keep_last",
                 "rollout.n", "rollout.max_new_tokens", "data.max_prompt_length", "model.toy_hidden_size",
@@ -259,9 +293,13 @@ def validate(cfg: Config) -> None:
         loss = cfg.loss_config()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"algorithm.loss: {exc}") from None
-    if loss.adaptive_actor_coeff:
-        raise ConfigError("algorithm.loss.adaptive_actor_coeff=true is not supported by the trainer (it needs "
-                          "per-token logit-gradient norms the fused loss does not return)")
+    _choice("algorithm.recipe", cfg.algorithm.recipe, RECIPES)
+    if not cfg.algorithm.beta_per_sequence > 0:
+        raise ConfigError(f"algorithm.beta_per_sequence must be > 0, got {cfg.algorithm.beta_per_sequence!r}")
+    if loss.adaptive_actor_coeff and loss.is_grpo_family:
+        raise ConfigError("algorithm.loss.adaptive_actor_coeff=true applies to algorithm.name=vimpo only")
+    if cfg.train.collapse_kl_per_token <= 0:
+        raise ConfigError(f"train.collapse_kl_per_token must be > 0, got {cfg.train.collapse_kl_per_token!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ training step:
   3. compute the group baseline (VIMPO) / advantages (GRPO family) on the whole step batch;
   4. for each epoch and mini-batch: accumulate gradients over micro-batches, the loss
      normalised by the mini-batch's global token / sequence counts, then clip and step;
-  5. push the new weights into the sampler; log; evaluate every K steps; checkpoint.
+  5. push the new weights into the sampler; log; watch for a collapse (vimpo/monitor.py);
+     evaluate every K steps; checkpoint.
+
+VIMPO's `default` recipe measures the mean response length of the first step's rollouts and
+sets beta = `algorithm.beta_per_sequence` / length; with the adaptive actor coefficient on, each
+optimizer step first runs a no-grad statistics pass (vimpo/adaptive.py). Both, like the
+monitor's state, are part of every checkpoint.
 
 Single process or `torchrun` (FSDP2 over the decoder layers and the root, which runs the
 fused loss in its forward so the sharded LM-head weights are gathered for the kernels).
@@ -32,8 +38,10 @@ import torch.distributed as dist
 from vimpo_kernels import fused_linear_logprobs
 from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
 
+from . import adaptive
 from . import checkpoint as ckpt
 from .data import PromptSampler, check_prompt_lengths, load_splits
+from .monitor import CollapseMonitor, Limits, emit
 from .model import (PolicyWithReference, SequenceBatch, context_length, frozen_copy, lm_head, load_policy,
                     response_hidden, shard)
 from .plot import plot_metrics
@@ -60,11 +68,13 @@ def train(cfg: Config) -> dict:
     # ---- data, rewards, models ----
     train_recs, eval_recs = load_splits(cfg.data, cfg.train.seed)  # before the model: fail fast
     reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.timeout_s)
-    policy, tokenizer = load_policy(cfg.model, cfg.train.seed)
+    policy, tokenizer = load_policy(cfg.model, cfg.train.seed, cfg.data.toy_task)
     policy.to(env.device)
     train_ids = tokenize_prompts(tokenizer, train_recs, cfg, "train", policy)
     eval_ids = tokenize_prompts(tokenizer, eval_recs, cfg, "eval", policy)
     loss_cfg = cfg.loss_config()
+    run = RunState(monitor=CollapseMonitor(Limits(kl_per_token=cfg.train.collapse_kl_per_token),
+                                           cfg.algorithm.name, cfg.algorithm.recipe))
     if resume_from is None and cfg.sft.steps > 0:
         run_sft(policy, tokenizer, train_recs, train_ids, cfg, env, log)
     reference = frozen_copy(policy) if (not loss_cfg.is_grpo_family or loss_cfg.kl_loss_coeff > 0) else None
@@ -85,7 +95,9 @@ def train(cfg: Config) -> dict:
 
     start = 0
     if resume_from is not None:
-        start = restore(resume_from, net, optimizer, scheduler, sampler, env)
+        start = restore(resume_from, net, optimizer, scheduler, sampler, env, run)
+        if run.beta is not None:
+            loss_cfg = cfg.loss_config(run.beta)
         rollout.update_weights(policy)
         log.message(f"resumed from {resume_from} (step {start})")
     first_eval = None
@@ -95,27 +107,49 @@ def train(cfg: Config) -> dict:
 
     # ---- the loop ----
     last_eval = first_eval
+    stopped_at = None
     for step in log.progress(range(start + 1, cfg.train.steps + 1), start, cfg.train.steps):
         t0 = time.perf_counter()
         idx = sampler.next_indices(cfg.train.prompts_per_step)[env.rank::env.world]
         roll = rollout.generate([train_ids[i] for i in idx], cfg.rollout.n)
         recs = [train_recs[i] for i in idx for _ in range(cfg.rollout.n)]
         rewards, group_ids, reward_stats = compute_rewards(roll, recs, tokenizer, reward_fn, cfg, step, env)
-        stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer)
+        mean_length = env.all_mean(float(np.mean([len(r) for r in roll.response_ids])))
+        if cfg.length_scaled_beta and run.beta is None:  # the default recipe's rule, fixed from here on
+            run.beta = cfg.algorithm.beta_per_sequence / max(mean_length, 1.0)
+            loss_cfg = cfg.loss_config(run.beta)
+            log.message(f"beta = {cfg.algorithm.beta_per_sequence:g} / {mean_length:.2f} (mean response length "
+                        f"of step {step}) = {run.beta:.4g}")
+        stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer,
+                       run.adaptive)
         rollout.update_weights(policy)
-        log.train(step, {**reward_stats, **stats, "lr": scheduler.get_last_lr()[0],
-                         "response_length": float(np.mean([len(r) for r in roll.response_ids])),
-                         "truncated_frac": float(np.mean(roll.truncated)), "step_time_s": time.perf_counter() - t0})
+        row = {**reward_stats, **stats, "lr": scheduler.get_last_lr()[0], "response_length": mean_length,
+               "truncated_frac": env.all_mean(float(np.mean(roll.truncated))),
+               "entropy": sampled_entropy(roll, env), "step_time_s": time.perf_counter() - t0}
+        if not loss_cfg.is_grpo_family:
+            row["beta"] = loss_cfg.beta
+        warnings = run.monitor.observe(step, row)
+        emit(warnings, env.is_main)
+        log.train(step, {**row, "warnings": warnings, "collapsed": run.monitor.collapsed})
+        if run.monitor.collapsed and cfg.train.stop_on_collapse:
+            stopped_at = step
+            log.message(f"stopped at step {step} (train.stop_on_collapse); last checkpoint kept: "
+                        f"{ckpt.latest_checkpoint(out) or 'none (the collapse came before the first one)'}")
+            last_eval = evaluate(rollout, tokenizer, eval_recs, eval_ids, reward_fn, cfg, env, step=step)
+            log.eval(last_eval)
+            break
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
             last_eval = evaluate(rollout, tokenizer, eval_recs, eval_ids, reward_fn, cfg, env, step=step)
             log.eval(last_eval)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            save(out, step, net, optimizer, scheduler, sampler, cfg, env)
+            save(out, step, net, optimizer, scheduler, sampler, cfg, env, run)
 
     if env.is_main and cfg.train.steps > 0:
         plot_metrics(log.metrics_path)
     summary = {"first_eval": first_eval, "last_eval": last_eval, "metrics": str(log.metrics_path),
-               "plot": str(out / "curves.png"), "output_dir": str(out)}
+               "plot": str(out / "curves.png"), "output_dir": str(out), "collapsed": run.monitor.collapsed,
+               "collapsed_at": run.monitor.collapsed_at, "stopped_at": stopped_at,
+               "warnings": list(run.monitor.warned)}
     env.teardown()
     return summary
 
@@ -124,8 +158,30 @@ def train(cfg: Config) -> dict:
 # One update: baseline/advantages on the step batch, then mini-batches of micro-batches
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class RunState:
+    """What a checkpoint needs beyond the model, optimizer and sampler."""
+
+    beta: Optional[float] = None
+    """The default recipe's length-scaled beta, once measured."""
+    adaptive: adaptive.AdaptiveCoeff = None
+    monitor: CollapseMonitor = None
+
+    def __post_init__(self):
+        self.adaptive = self.adaptive or adaptive.AdaptiveCoeff()
+        self.monitor = self.monitor or CollapseMonitor()
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "adaptive": self.adaptive.state_dict(), "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+        self.adaptive.load_state_dict(state["adaptive"])
+        self.monitor.load_state_dict(state["monitor"])
+
+
 def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_cfg, cfg: Config, env,
-           tokenizer) -> dict:
+           tokenizer, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None) -> dict:
     pad = tokenizer.pad_token_id
     extra = {}
     if loss_cfg.is_grpo_family:
@@ -138,19 +194,33 @@ def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_c
     mini_batches = rows.chunk(cfg.train.mini_batches)
     off_policy = cfg.train.mini_batches > 1 or cfg.train.ppo_epochs > 1
     behaviour = behaviour_logprobs(net, roll, rows, cfg, loss_cfg, env, pad) if off_policy or cfg.rollout.is_cap else {}
+    use_adaptive = adaptive.applies(loss_cfg)
+    diagnose = not loss_cfg.is_grpo_family and loss_cfg.value_type == "raw"
     sums: dict[str, float] = {}
+    diag = torch.zeros(6, dtype=torch.float64)
     n_updates = 0
     for _ in range(cfg.train.ppo_epochs):
         for mb in mini_batches:
             num_tokens = env.all_sum(float(sum(len(roll.response_ids[i]) for i in mb.tolist())))
             num_sequences = env.all_sum(float(len(mb)))
+            step_cfg = loss_cfg
+            if use_adaptive:  # one c_A for the whole mini-batch, from its global statistics
+                c_a, v_rms, a_rms = adaptive_coefficient(net, roll, mb, rewards, group_ids, extra, behaviour,
+                                                         loss_cfg, cfg, env, pad, num_tokens, num_sequences,
+                                                         adaptive_coeff)
+                step_cfg = adaptive.fixed(loss_cfg, c_a)
+                for k, v in (("adaptive_value_rms", v_rms), ("adaptive_actor_rms", a_rms)):
+                    sums[k] = sums.get(k, 0.0) + v
             for micro in mb.split(cfg.train.micro_batch_size):
                 batch = build_batch(roll, micro.tolist(), pad, env.device)
                 kwargs = {k: v[micro] for k, v in extra.items()}
                 kwargs.update({k: _pad_to(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
-                loss, metrics = net(batch, rewards[micro], group_ids[micro], config=loss_cfg,
+                loss, metrics = net(batch, rewards[micro], group_ids[micro], config=step_cfg,
                                     backend=cfg.algorithm.backend, num_tokens=num_tokens,
-                                    num_sequences=num_sequences, process_group=env.group, **kwargs)
+                                    num_sequences=num_sequences, process_group=env.group,
+                                    return_details=diagnose, **kwargs)
+                if diagnose:
+                    diag += _diagnostic_sums(metrics.pop("details"), batch.mask.bool())
                 # FSDP averages gradients over ranks; the loss is each rank's share of a global
                 # sum (global normalisers above), so scale back to a sum.
                 (loss * env.world).backward()
@@ -165,7 +235,51 @@ def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_c
             scheduler.step()
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             n_updates += 1
-    return {k: v / n_updates for k, v in sums.items()}
+    out = {k: v / n_updates for k, v in sums.items()}
+    if diagnose:
+        out.update(_diagnostics(env.all_sum_tensor(diag)))
+    return out
+
+
+def _diagnostic_sums(details: dict, valid: torch.Tensor) -> torch.Tensor:
+    """[sum target^2, sum residual^2, sum seq_value^2, sum adv_raw^2, valid tokens, sequences]."""
+    f = lambda x: x.detach().double()  # noqa: E731
+    return torch.stack([f(details["target"]).pow(2).sum(), f(details["residual"]).pow(2).sum(),
+                        f(details["seq_value"]).pow(2).sum(), f(details["adv_raw"])[valid].pow(2).sum(),
+                        valid.sum().double(), torch.tensor(float(valid.shape[0]), dtype=torch.float64)]).cpu()
+
+
+def _diagnostics(d: torch.Tensor) -> dict:
+    """How well the implicit value fits its target, and the advantage's scale before whitening:
+    value_fit = 1 - sum e^2 / sum target^2 (1: fitted; 0: the value is no better than 0)."""
+    t2, e2, s2, a2, n_tok, n_seq = (float(x) for x in d)
+    return {"target_rms": (t2 / max(n_seq, 1)) ** 0.5, "seq_value_rms": (s2 / max(n_seq, 1)) ** 0.5,
+            "value_fit": 1.0 - e2 / t2 if t2 > 0 else float("nan"), "adv_raw_rms": (a2 / max(n_tok, 1)) ** 0.5}
+
+
+def adaptive_coefficient(net, roll: Rollouts, mb, rewards, group_ids, extra: dict, behaviour: dict, loss_cfg,
+                         cfg: Config, env, pad: int, num_tokens: float, num_sequences: float,
+                         state: adaptive.AdaptiveCoeff) -> tuple[float, float, float]:
+    """The statistics pass of the adaptive actor coefficient over one mini-batch (the same
+    micro-batches, hence the same whitening, as the gradient pass); see vimpo/adaptive.py."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for micro in mb.split(cfg.train.micro_batch_size):
+        batch = build_batch(roll, micro.tolist(), pad, env.device)
+        stats = net(batch, config=loss_cfg, backend=cfg.algorithm.backend, token_stats=True)
+        kw = {k: v[micro] for k, v in extra.items()}
+        kw.update({k: _pad_to(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
+        sums += adaptive.micro_batch_sums(stats, batch.mask, rewards[micro], group_ids[micro], loss_cfg,
+                                          num_tokens=num_tokens, num_sequences=num_sequences,
+                                          process_group=env.group, **kw).cpu()
+    return state.update(env.all_sum_tensor(sums), loss_cfg)
+
+
+def sampled_entropy(roll: Rollouts, env) -> float:
+    """Mean negative log-prob of the sampled tokens: an unbiased estimate of the per-token
+    entropy of the sampling distribution (the sampler's own log-probs)."""
+    total = sum(-sum(lp) for lp in roll.logprobs)
+    count = sum(len(lp) for lp in roll.logprobs)
+    return env.all_sum(float(total)) / max(env.all_sum(float(count)), 1.0)
 
 
 _ADDITIVE = ("loss", "value_loss", "value_loss_raw", "actor_loss")
@@ -347,20 +461,23 @@ def _persist_reference(reference, out: Path, resuming: bool, cfg: Config, env) -
         os.replace(tmp, path)
 
 
-def save(out: Path, step: int, net, optimizer, scheduler, sampler, cfg: Config, env) -> None:
+def save(out: Path, step: int, net, optimizer, scheduler, sampler, cfg: Config, env, run: RunState) -> None:
     model_state, optim_state = env.full_state(net, optimizer)
     if env.is_main:
         ckpt.save_checkpoint(out, step, model_state=model_state,
                              optimizer_state={"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                             trainer_state={"sampler": sampler.state_dict()}, keep_last=cfg.train.keep_last)
+                             trainer_state={"sampler": sampler.state_dict(), "run": run.state_dict()},
+                             keep_last=cfg.train.keep_last)
     env.barrier()
 
 
-def restore(path: Path, net, optimizer, scheduler, sampler, env) -> int:
+def restore(path: Path, net, optimizer, scheduler, sampler, env, run: RunState) -> int:
     state = ckpt.load_checkpoint(path)
     env.load_full_state(net, optimizer, state["model"], state["optimizer"]["optimizer"])
     scheduler.load_state_dict(state["optimizer"]["scheduler"])
     sampler.load_state_dict(state["state"]["sampler"])
+    if "run" in state["state"]:  # checkpoints of earlier versions have none
+        run.load_state_dict(state["state"]["run"])
     ckpt.set_rng_state(state["rng"])
     return int(state["state"]["step"])
 
@@ -414,6 +531,14 @@ class DistEnv:
 
     def all_mean(self, x: float) -> float:
         return self.all_sum(x) / self.world
+
+    def all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise float64 sum over ranks (on CPU afterwards)."""
+        if self.world == 1:
+            return t
+        t = t.to(self.device, torch.float64)
+        dist.all_reduce(t)
+        return t.cpu()
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -37,9 +37,9 @@ def test_yaml_then_overrides(tmp_path):
     (["algorithm.loss={not_a_knob: 1}"], "algorithm.loss:"),
     (["train.mini_batches=3"], "train.mini_batches=3 must divide"),
     (["train.steps"], "must look like key=value"),
-    (["algorithm.loss={adaptive_actor_coeff: true}"], "adaptive_actor_coeff=true is not supported"),
+    (["algorithm.name=grpo", "algorithm.loss={adaptive_actor_coeff: true}"], "applies to algorithm.name=vimpo"),
 ], ids=["typo-suggests", "unknown-section", "wrong-type", "negative", "bool", "algorithm", "backend",
-        "flip-prob", "reward-spec", "loss-range", "loss-unknown", "mini-batches", "no-equals", "adaptive"])
+        "flip-prob", "reward-spec", "loss-range", "loss-unknown", "mini-batches", "no-equals", "adaptive-grpo"])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

@@ -38,7 +38,7 @@ def test_one_step_per_algorithm(tiny, test_rewards_on_path, algorithm):
 
 def test_training_step_never_calls_the_lm_head(tiny):
     """The loss goes through hidden states + head weight; the model's logits path is unused."""
-    cfg = tiny()
+    cfg = tiny("algorithm.recipe=paper")  # a fixed c_A: the loss alone, without the trainer's statistics pass
     policy, tok = load_policy(cfg.model)
     net = PolicyWithReference(policy, frozen_copy(policy))
     roll = make_rollout(cfg.rollout, policy, tok).generate([tok("3+4=").input_ids, tok("12+9=").input_ids], 4)
