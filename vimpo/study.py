@@ -179,6 +179,8 @@ class Study:
                 wall = time.time() - started
                 if run is not None:
                     self._append(run_row(run, folder, proc.returncode, wall))
+                    for heavy in (folder / "checkpoints", folder / "reference.safetensors"):  # keep metrics, log
+                        shutil.rmtree(heavy, ignore_errors=True) if heavy.is_dir() else heavy.unlink(missing_ok=True)
                 if proc.returncode not in (0, 3):
                     failed += 1
                     print(f"[study] FAILED {name} (exit {proc.returncode}); log: {folder / 'log.txt'}", flush=True)
@@ -206,7 +208,7 @@ def run_row(run: Run, folder: Path, returncode: int, wall_s: float) -> dict:
     """One JSONL row: the run's identity and config, per-eval accuracy, start / final / best,
     the area under the accuracy curve, the collapse flags and the wall time."""
     row = {"id": run.id, **dataclasses.asdict(run), "returncode": returncode, "wall_s": round(wall_s, 1),
-           "ok": False}
+           "ok": False, "code": os.environ.get("VIMPO_STUDY_CODE") or _git_revision()}
     metrics = folder / "metrics.jsonl"
     if not metrics.exists():
         return row
@@ -234,6 +236,15 @@ def run_row(run: Run, folder: Path, returncode: int, wall_s: float) -> dict:
         "steps": len(train),
     })
     return row
+
+
+def _git_revision() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _mean(xs):
