@@ -27,7 +27,7 @@ def pytest_terminal_summary(terminalreporter):
 
 def pytest_collection_modifyitems(config, items):
     """The Triton interpreter tests run in this process only when triton was first imported
-    interpreted; otherwise tests/test_triton_subprocess.py runs them in a fresh process. The
+    interpreted; otherwise tests/kernels/token_stats/test_triton_subprocess.py runs them in a fresh process. The
     side that does not run is deselected (not skipped), so a skip always means a real gap."""
     import sys
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import torch
 # standard library (tl.sum, tl.max, ...) when `triton.language` is first imported; the
 # interpreter needs the variable again while kernels run (the fixture below). So these tests
 # run in this process only when nothing imported triton before; otherwise
-# tests/test_triton_subprocess.py runs this module in a fresh process. The variable is set only
+# test_triton_subprocess.py runs this module in a fresh process. The variable is set only
 # around the import here, so other test modules and their subprocesses never see it.
 RUNS_IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
 _OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
@@ -54,7 +54,7 @@ def interpreter():
     """TRITON_INTERPRET=1 and the backend registry told so, for this module's tests only."""
     if not (RUNS_IN_PROCESS and tf._interpreted()):
         pytest.skip("triton was imported compiled (not interpreted) earlier in this process; "
-                    "tests/test_triton_subprocess.py runs this module in a fresh process")
+                    "test_triton_subprocess.py runs this module in a fresh process")
     old_flag = os.environ.get("TRITON_INTERPRET"), _env.TRITON_INTERPRET
     os.environ["TRITON_INTERPRET"] = "1"
     _env.TRITON_INTERPRET = True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "build_cuda.sh"
+_SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "build_cuda.sh"
 
 
 @pytest.mark.slow

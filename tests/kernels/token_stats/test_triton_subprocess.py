@@ -1,4 +1,4 @@
-"""Runs tests/test_triton_logprobs.py in a fresh process with TRITON_INTERPRET=1 when it could
+"""Runs test_triton_logprobs.py (beside this file) in a fresh process with TRITON_INTERPRET=1 when it could
 not run in this one (another module imported triton first, compiled: Triton fixes interpreted
 vs compiled when `triton.language` is imported). Each tier proxies the same tier."""
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _run_tier(markexpr: str) -> None:
     # tests/conftest.py deselects this module when test_triton_logprobs runs in this process.
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", markexpr,
-                           str(REPO / "tests" / "test_triton_logprobs.py")],
+                           str(Path(__file__).with_name("test_triton_logprobs.py"))],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

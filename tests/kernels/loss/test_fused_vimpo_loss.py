@@ -300,9 +300,9 @@ def test_triton_interpreter_backend_matches_reference():
     """The Triton backend (interpreted on CPU tensors) on the same small batch as the compiled
     one: run in a subprocess because TRITON_INTERPRET is read at import."""
     code = textwrap.dedent("""
-        import sys; sys.path.insert(0, "tests")
+        import sys; sys.path[:0] = ["tests", "tests/kernels/loss"]
         import torch, test_fused_vimpo_loss as t
-        from conftest import rel_err
+        from golden_data import rel_err
         from vimpo_kernels import available_backends
         assert "triton" in available_backends(), available_backends()
         for name in ("vimpo-paper", "dapo-k3-loss"):
