@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from vimpo_kernels import backend_status, fused_linear_logprobs, fused_vimpo_loss
+from vimpo_kernels._backends import BACKEND_TABLE, missing
 
 from ..ops import OPS, Op, Point, Problem
 from .registry import Contender, logits_bytes, logprobs_output, module_available, register
@@ -39,24 +40,25 @@ class BackendSupport:
 def backend_support(backend: str, op: Op, device: str) -> BackendSupport:
     """What our `backend` can do for `op` on `device` ("cpu" or "cuda"), in a worker process.
 
-    The only place the bench knows a backend's capabilities. Today they do not depend on the op:
-    every backend computes every op's statistics and loss."""
-    if backend == "triton":
+    The only place the bench asks about a backend, and it asks the kernels' own backend table
+    (`vimpo_kernels._backends`): devices, availability and the features the op needs."""
+    spec = BACKEND_TABLE[backend]
+    if backend == "triton" and device == "cpu":
         if not module_available("triton"):
             return BackendSupport(False, "triton not importable")
-        if device == "cpu":
-            # The Triton interpreter runs a kernel program by program in Python.
-            return BackendSupport(True, "interpreter (TRITON_INTERPRET=1): correctness only", timed=False,
-                                  env={"TRITON_INTERPRET": "1"})
-        if not torch.cuda.is_available():
-            return BackendSupport(False, "no CUDA device")
-        return BackendSupport(True, "ok")
+        # The Triton interpreter runs a kernel program by program in Python.
+        return BackendSupport(True, "interpreter (TRITON_INTERPRET=1): correctness only", timed=False,
+                              env={"TRITON_INTERPRET": "1"})
+    if device not in spec.devices:
+        return BackendSupport(False, f"the {backend} backend runs on {'/'.join(spec.devices)} tensors")
     ok, why = backend_status()[backend]
-    if ok and backend == "cpu" and device != "cpu":
-        return BackendSupport(False, "the cpu backend needs CPU tensors")
-    if ok and backend == "cuda" and device != "cuda":
-        return BackendSupport(False, "the cuda backend needs CUDA tensors")
-    return BackendSupport(ok, why, materializes=backend == "torch")
+    if not ok:
+        return BackendSupport(False, why)
+    kl = op.config.kl_estimator if op.config is not None and op.config.needs_exact_kl else None
+    lacks = missing(backend, torch.float32, kl=kl)
+    if lacks:
+        return BackendSupport(False, "the backend table declares no " + ", ".join(lacks))
+    return BackendSupport(True, why, materializes=spec.materializes_logits)
 
 
 def _build(op: Op, backend: str):
