@@ -30,16 +30,31 @@ def plot_metrics(metrics_path: Path, out_path: Path | None = None) -> Path:
         ("accuracy (held-out, greedy)", evals, "accuracy"),
         ("loss", train, "loss"),
         ("response length (held-out)", evals, "response_length"),
+        ("KL to reference (nats/token)", train, "kl_mean"),
+        ("entropy (sampled, nats/token)", train, "entropy"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-    for ax, (title, series, key) in zip(axes, panels):
+    panels = [p for p in panels if any(p[2] in r for r in p[1])]
+    # The collapse monitor's warnings (dotted) and the collapse itself (red), on every panel.
+    warned = [r["step"] for r in train if r.get("warnings")]
+    collapse = next((r["step"] for r in train if r.get("collapsed")), None)
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, (title, series, key) in zip(axes.flat, panels):
         pts = [(r["step"], r[key]) for r in series if key in r]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3)
+        for step in warned:
+            ax.axvline(step, color="tab:orange", ls=":", lw=1)
+        if collapse is not None:
+            ax.axvline(collapse, color="tab:red", lw=1.2, label=f"collapse (step {collapse})")
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     tmp = out_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -213,7 +213,7 @@ def run_row(run: Run, folder: Path, returncode: int, wall_s: float) -> dict:
     if not metrics.exists():
         return row
     rows = read_metrics(metrics)
-    evals = [(r["step"], r["accuracy"]) for r in rows if r.get("kind") == "eval"]
+    evals = [[r["step"], r["accuracy"]] for r in rows if r.get("kind") == "eval"]
     train = [r for r in rows if r.get("kind") == "train"]
     if not evals or not train:
         return row

@@ -4,7 +4,10 @@ Every rank builds the same tiny policy/reference pair and the same batch of resp
 first computes the single-process loss and gradients on the whole batch. Then the model is
 sharded with FSDP2 (`vimpo.model.shard`), each rank takes its half of the prompt groups, and the
 loss is computed with the trainer's global normalisers. The sum of the rank losses and the
-gathered gradients must equal the single-process ones. Results go to argv[1] (rank 0).
+gathered gradients must equal the single-process ones. With the adaptive actor coefficient
+(`vimpo-adaptive`), each rank's statistics pass covers its own rows and the sums are
+all-reduced, so the coefficient must equal the single-process one too. Results go to argv[1]
+(rank 0).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from vimpo import adaptive
 from vimpo.model import PolicyWithReference, frozen_copy, load_policy, shard
 from vimpo.rollout import Rollouts
 from vimpo.train_config import load_config
@@ -40,9 +44,26 @@ def make_batch(tok, n_groups=4, n=4, seed=0):
     return Rollouts(prompts, responses, [], []), rewards, groups
 
 
+def adaptive_coeff(net, roll, rows, rewards, groups, cfg, extra, num_tokens, num_sequences, group):
+    """The trainer's statistics pass on this process's rows, sums all-reduced, one EMA step."""
+    batch = build_batch(roll, rows, 0, "cpu")
+    idx = torch.tensor(rows)
+    stats = net(batch, config=cfg, backend="torch", token_stats=True)
+    sums = adaptive.micro_batch_sums(stats, batch.mask, rewards[idx], groups[idx], cfg, num_tokens=num_tokens,
+                                     num_sequences=num_sequences, process_group=group,
+                                     **{k: v[idx] for k, v in extra.items()})
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    return adaptive.AdaptiveCoeff().update(sums, cfg)[0]
+
+
 def loss_and_grads(net, roll, rows, rewards, groups, cfg, extra, num_tokens, num_sequences, world, group):
     batch = build_batch(roll, rows, 0, "cpu")
     idx = torch.tensor(rows)
+    if cfg.adaptive_actor_coeff:
+        cfg = adaptive.fixed(cfg, adaptive_coeff(net, roll, rows, rewards, groups, cfg, extra, num_tokens,
+                                                 num_sequences, group))
+        loss_and_grads.coeff = cfg.actor_coeff
     loss, _ = net(batch, rewards[idx], groups[idx], config=cfg, backend="torch",
                   num_tokens=num_tokens, num_sequences=num_sequences, process_group=group,
                   **{k: v[idx] for k, v in extra.items()})
@@ -54,10 +75,13 @@ def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for algorithm in ("vimpo", "grpo"):
+    for case in ("vimpo", "vimpo-adaptive", "grpo"):
+        algorithm = case.split("-")[0]
         cfg = load_config(None, ["model.toy_hidden_size=64", "model.toy_layers=2", "model.toy_heads=2",
-                                 f"algorithm.name={algorithm}"])
-        loss_cfg = cfg.loss_config()
+                                 f"algorithm.name={algorithm}",
+                                 f"algorithm.recipe={'default' if case == 'vimpo-adaptive' else 'paper'}"])
+        loss_cfg = cfg.loss_config(beta=0.1 if case == "vimpo-adaptive" else None)
+        assert loss_cfg.adaptive_actor_coeff == (case == "vimpo-adaptive")
         policy, tok = load_policy(cfg.model, seed=0)
         with torch.no_grad():  # make the reference differ from the policy, so the KL is non-zero
             reference = frozen_copy(policy)
@@ -74,6 +98,7 @@ def main(out_path: str) -> None:
                                   float(len(all_rows)), 1, None)
         ref_grads = {k: p.grad.clone() for k, p in single.policy.named_parameters()}
         single.policy.zero_grad(set_to_none=True)
+        single_coeff = getattr(loss_and_grads, "coeff", None)
 
         net = shard(PolicyWithReference(policy, reference), mesh=init_device_mesh("cpu", (world,)))
         half = len(all_rows) // world  # whole prompt groups per rank (4 groups of 4)
@@ -83,8 +108,10 @@ def main(out_path: str) -> None:
         dist.all_reduce(loss)
         grads = {k: p.grad.full_tensor() for k, p in net.policy.named_parameters()}
         if rank == 0:
-            results[algorithm] = {"single_loss": ref_loss, "fsdp_loss": loss, "single_grads": ref_grads,
-                                  "fsdp_grads": grads}
+            results[case] = {"single_loss": ref_loss, "fsdp_loss": loss, "single_grads": ref_grads,
+                             "fsdp_grads": grads}
+            if case == "vimpo-adaptive":
+                results[case]["coeffs"] = torch.tensor([single_coeff, loss_and_grads.coeff], dtype=torch.float64)
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()

@@ -28,7 +28,9 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(out, weights_only=True)
-    assert set(results) == {"vimpo", "grpo"}
+    assert set(results) == {"vimpo", "vimpo-adaptive", "grpo"}
+    single_c, fsdp_c = results["vimpo-adaptive"].pop("coeffs").tolist()
+    assert single_c > 0 and abs(fsdp_c - single_c) <= 1e-9 * single_c, (single_c, fsdp_c)
     for algorithm, r in results.items():
         # fp32 model; the two runs differ only in the order of the reductions (per-rank partial
         # sums, then an all-reduce / reduce-scatter), so agreement is to a few fp32 ulps.
