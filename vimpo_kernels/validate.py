@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .algorithms import needs_reference
 from .config import VIMPOConfig
 
 
@@ -60,10 +61,9 @@ def check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids
     check_tensor("rewards", rewards, floating=True, shape=(B,), device=dev)
     check_tensor("group_ids", group_ids, integer=True, shape=(B,), device=dev)
 
-    needs_ref = not config.is_grpo_family or config.kl_loss_coeff > 0
-    if ref_logprobs is None and needs_ref:
+    if ref_logprobs is None and needs_reference(config):
         raise ValueError(f"ref_logprobs is required for algorithm={config.algorithm!r}"
-                         + (" with kl_loss_coeff > 0" if config.is_grpo_family else ""))
+                         + ("" if config.spec.always_needs_reference else " with kl_loss_coeff > 0"))
     token_level = {"ref_logprobs": ref_logprobs, "old_logprobs": old_logprobs,
                    "rollout_is_weights": rollout_is_weights, "old_token_kl": old_token_kl,
                    "logit_grad_norm": logit_grad_norm}
