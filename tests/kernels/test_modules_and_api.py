@@ -182,3 +182,23 @@ def test_five_steps_with_the_fused_loss_land_on_the_reference(name, dtype, tol):
     assert moved > 1e-2, "the reference run did not move the parameters: the test would prove nothing"
     for a, b in zip(fused, ref):
         assert float((a - b).abs().max() / b.abs().max()) <= tol
+
+
+def test_token_statistics_never_import_the_loss_package():
+    """The data flow is the layout: token statistics -> loss -> trainer. An import the other way
+    (even inside a function) is a cycle waiting to happen."""
+    import ast
+    from pathlib import Path
+    pkg = Path(vimpo_kernels.__file__).parent
+    offenders = []
+    for path in (pkg / "logprobs").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("vimpo_loss" in n or n == "vimpo" or n.startswith("vimpo.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
