@@ -13,6 +13,8 @@ nothing of size N x V.
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from typing import Optional
 
@@ -156,6 +158,7 @@ def launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bi
 
     hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
     ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
+    targets = targets.contiguous()  # the kernels read token ids at unit stride
     interpreted = _interpreted()
     if config is None and interpreted:
         config = tune.INTERPRETER_FWD
@@ -207,6 +210,7 @@ def launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, r
     if N > 0 and any(has_g) and (need_dx or need_dw or need_db):
         hidden, weight, bias = _rowmajor(hidden), _rowmajor(weight), _rowmajor(bias)
         ref_hidden, ref_weight, ref_bias = _rowmajor(ref_hidden), _rowmajor(ref_weight), _rowmajor(ref_bias)
+        targets = targets.contiguous()
         has_ref = ref_weight is not None
         rx = ref_hidden if has_ref else hidden
         rw = ref_weight if has_ref else weight
@@ -233,6 +237,12 @@ def launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, r
             db.to(bias.dtype) if need_db else empty(torch.float32))
 
 
+def _device_of(x: Tensor):
+    """Triton launches on the current device: make it the tensors' device (tensors on cuda:1
+    while cuda:0 is current would otherwise read the wrong memory)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _or(x: Optional[Tensor], dummy: Tensor) -> Tensor:
     """Kernels take a pointer for every optional input; a constexpr flag keeps it unread."""
     return dummy if x is None or x.numel() == 0 else x
@@ -247,8 +257,9 @@ def _token_stats_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optio
                     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
                     temperature: float, want_kl: bool, want_entropy: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
-                          want_entropy)
+    with _device_of(hidden):
+        return launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
+                              want_entropy)
 
 
 @_token_stats_op.register_fake
@@ -269,8 +280,9 @@ def _token_stats_backward_op(g_logp: Optional[Tensor], g_lse: Optional[Tensor], 
                              ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, ent: Tensor,
                              temperature: float, need_dx: bool, need_dw: bool, need_db: bool
                              ) -> tuple[Tensor, Tensor, Tensor]:
-    return launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight,
-                           ref_bias, lse, ref_lse, kl, ent, temperature, need_dx, need_dw, need_db)
+    with _device_of(hidden):
+        return launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, ref_hidden, ref_weight,
+                               ref_bias, lse, ref_lse, kl, ent, temperature, need_dx, need_dw, need_db)
 
 
 @_token_stats_backward_op.register_fake
@@ -286,6 +298,9 @@ def _setup_context(ctx, inputs, output):
     _, lse, ref_logp, ref_lse, kl, ent = output
     ctx.save_for_backward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, ent)
     ctx.temperature = temperature
+    # Unused outputs get None, not zero-filled, gradients: a detached KL then leaves HAS_G_KL off
+    # and the backward never recomputes (or reads) the reference logits.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(ref_logp, ref_lse)
 
 

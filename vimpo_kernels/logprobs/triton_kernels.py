@@ -302,6 +302,16 @@ def bwd_kernel(
     if NEED_DB:
         tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     # Tensor-core operand in the input dtype (fp32 stays fp32); products accumulate in fp32.
+    # fp16's range ends at 6e-8 and g * p_j is routinely below it (at a 150k vocabulary most p_j
+    # are < 1e-6): a plain cast would flush those columns' gradients to zero. So an fp16 tile is
+    # scaled by a power of two that puts its largest entry near 2^14 before the cast, and the
+    # fp32 products are scaled back (bf16 has fp32's exponent range and needs no scale).
+    unscale = 1.0
+    if X.dtype.element_ty == tl.float16:
+        amax = tl.maximum(tl.max(tl.max(tl.abs(dz), axis=1), axis=0), 1e-30)
+        scale = tl.exp2(14.0 - tl.ceil(tl.log2(amax)))
+        dz = dz * scale
+        unscale = 1.0 / scale
     dz_op = dz.to(X.dtype.element_ty)
     if UPCAST_DOT:
         dz_op = dz_op.to(tl.float32)
@@ -315,7 +325,7 @@ def bwd_kernel(
                         other=0.0)
             if UPCAST_DOT:
                 w = w.to(tl.float32)
-            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+            dx = tl.dot(dz_op, w, input_precision=DOT_PRECISION) * unscale
             tl.atomic_add(DX + rows64[:, None] * H + hs[None, :], dx, mask=row_mask[:, None] & h_ok[None, :],
                           sem="relaxed")
         if NEED_DW:
@@ -323,6 +333,6 @@ def bwd_kernel(
                         other=0.0)
             if UPCAST_DOT:
                 x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION)
+            dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION) * unscale
             tl.atomic_add(DW + cols64[:, None] * H + hs[None, :], dw, mask=col_mask[:, None] & h_ok[None, :],
                           sem="relaxed")
