@@ -66,7 +66,7 @@ def _fwd_job(width: int, config):
     types = {n: f"*{dt}" for n in ("X", "W", "B", "RX", "RW", "RB")}
     types.update(TGT="*i64", PART="*fp32", inv_temp="fp32")
     types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw",
-                                     "stride_part_stat", "V_PER_SPLIT")})
+                                     "stride_part_stat", "V_PER_SPLIT", "N_BUCKET")})
     consts = dict(HAS_BIAS=True, HAS_REF=True, HAS_REF_BIAS=True, HAS_KL=True, HAS_ENTROPY=True,
                   DOT_PRECISION="ieee" if width == 4 else "tf32", UPCAST_DOT=False, **config.kwargs)
     return tk.fwd_partials_kernel, types, consts
@@ -78,7 +78,8 @@ def _bwd_job(width: int, config):
     types.update({n: "*fp32" for n in ("LSE", "REF_LSE", "KL", "ENT", "G_LOGP", "G_LSE", "G_KL", "G_ENT",
                                        "DX", "DW", "DB")})
     types.update(TGT="*i64", inv_temp="fp32")
-    types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw")})
+    types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw",
+                                     "N_BUCKET")})
     consts = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_G_LOGP=True, HAS_G_LSE=True, HAS_G_KL=True,
                   HAS_G_ENT=True, NEED_DX=True, NEED_DW=True, NEED_DB=True,
                   DOT_PRECISION="ieee" if width == 4 else "tf32", UPCAST_DOT=False, **config.kwargs)

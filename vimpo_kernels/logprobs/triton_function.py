@@ -122,14 +122,14 @@ def vocab_split(N: int, V: int, device: torch.device, granule: int) -> tuple[int
 @functools.lru_cache(maxsize=None)
 def _tuned_forward(operand_bytes: int):
     return triton.autotune(configs=tune.FWD_CONFIGS[operand_bytes],
-                           key=["V", "H", "H_REF", "HAS_REF", "HAS_KL", "HAS_ENTROPY"])(tk.fwd_partials_kernel)
+                           key=["N_BUCKET", "V", "H", "H_REF", "HAS_REF", "HAS_KL", "HAS_ENTROPY"])(tk.fwd_partials_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_backward(operand_bytes: int):
     # Timing a config runs the kernel: the atomic accumulators must restart from zero each time.
     return triton.autotune(configs=tune.BWD_CONFIGS[operand_bytes],
-                           key=["V", "H", "H_REF", "HAS_G_KL", "HAS_G_ENT", "NEED_DX", "NEED_DW"],
+                           key=["N_BUCKET", "V", "H", "H_REF", "HAS_G_KL", "HAS_G_ENT", "NEED_DX", "NEED_DW"],
                            reset_to_zero=["DX", "DW", "DB"])(tk.bwd_kernel)
 
 
@@ -174,7 +174,7 @@ def launch_forward(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bi
     rw = ref_weight if has_ref else weight
     args = (hidden, weight, _or(bias, hidden), rx, rw, _or(ref_bias, hidden), targets, part,
             N, V, H, rx.shape[1], hidden.stride(0), weight.stride(0), rx.stride(0), rw.stride(0), part.stride(0),
-            1.0 / temperature, per_split)
+            1.0 / temperature, per_split, n_bucket(N))
     flags = dict(HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
                  HAS_KL=bool(want_kl), HAS_ENTROPY=bool(want_entropy),
                  DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=interpreted)
@@ -218,7 +218,7 @@ def launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, r
         args = (hidden, weight, _or(bias, hidden), rx, rw, _or(ref_bias, hidden), targets, lse, _or(ref_lse, lse),
                 _or(kl, lse), _or(ent, lse), *grads, dx, dw, db,
                 N, V, H, rx.shape[1], hidden.stride(0), weight.stride(0), rx.stride(0), rw.stride(0),
-                1.0 / temperature)
+                1.0 / temperature, n_bucket(N))
         flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_G_LOGP=has_g[0],
                      HAS_G_LSE=has_g[1], HAS_G_KL=has_g[2], HAS_G_ENT=has_g[3], NEED_DX=bool(need_dx),
                      NEED_DW=bool(need_dw), NEED_DB=bool(need_db), DOT_PRECISION=_dot_precision(hidden.dtype),
@@ -235,6 +235,13 @@ def launch_backward(g_logp, g_lse, g_kl, g_ent, hidden, weight, targets, bias, r
     return (dx.to(hidden.dtype) if need_dx else empty(hidden.dtype),
             dw.to(weight.dtype) if need_dw else empty(weight.dtype),
             db.to(bias.dtype) if need_db else empty(torch.float32))
+
+
+def n_bucket(n: int) -> int:
+    """The autotune key for the row count: the next power of two, so a config tuned at a few
+    hundred rows is not reused at 16k (the best tile changes with how many row tiles fill the
+    GPU), while the packed token count of every step (different each time) does not retune."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _device_of(x: Tensor):

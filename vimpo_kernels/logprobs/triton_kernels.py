@@ -119,6 +119,7 @@ def _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, 
 def fwd_partials_kernel(
     X, W, B, RX, RW, RB, TGT, PART,
     N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, stride_part_stat, inv_temp, V_PER_SPLIT,
+    N_BUCKET,  # unread: the autotuner's key for the row count (a power of two), see triton_function.py
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -255,6 +256,7 @@ def merge_partials_kernel(
 def bwd_kernel(
     X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DX, DW, DB,
     N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+    N_BUCKET,  # unread: the autotuner's key for the row count
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
     HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,

@@ -286,6 +286,13 @@ def test_fp16_gradients_of_tiny_probabilities_are_not_flushed():
     assert float(per_col.max()) < 2e-2, float(per_col.max())  # a flush gives 1.0
 
 
+def test_autotune_key_buckets_the_row_count():
+    """Configs are tuned per power-of-two row bucket: not reused from 300 rows at 16k, and not
+    retuned for every step's packed token count."""
+    assert [tf.n_bucket(n) for n in (0, 1, 2, 3, 300, 512, 513, 16384)] == [1, 1, 2, 4, 512, 512, 1024, 16384]
+    assert "N_BUCKET" in tf._tuned_forward(2).keys and "N_BUCKET" in tf._tuned_backward(2).keys
+
+
 def _triton_golden_cases():
     """Exact-KL cases in the default tier, k2/k3 cases slow; the candidate-set cases are declared
     unsupported (the backend table gives triton no top-k), strictly: the day Triton gains a
