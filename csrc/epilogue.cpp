@@ -47,17 +47,17 @@ bool on_cuda(const Tensor& like) {
 
 // -> [u, adv_raw, seq_value]
 std::vector<Tensor> vimpo_epilogue_scan(const Tensor& logp, const Tensor& ref, const OptTensor& kl,
-                                        const Tensor& mask, double beta, double lam, int64_t kl_estimator) {
+                                        const Tensor& mask, const EpilogueParams& p) {
   TORCH_CHECK(logp.dim() == 2, "vimpo epilogue: logp must be (B, T), got ", logp.sizes());
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"logp", logp}, {"ref_logp", ref}, {"mask", mask}})
     check_bt(name, t, logp);
   if (kl.has_value()) check_bt("token_kl", *kl, logp);
-  TORCH_CHECK(kl_estimator == kKlK2 || kl_estimator == kKlK3 || (kl_estimator == kKlGiven && kl.has_value()),
-              "vimpo epilogue: kl_estimator must be 0 (given token_kl), 2 or 3, got ", kl_estimator);
+  TORCH_CHECK(p.kl_estimator == kKlK2 || p.kl_estimator == kKlK3 || (p.kl_estimator == kKlGiven && kl.has_value()),
+              "vimpo epilogue: kl_estimator must be 0 (given token_kl), 2 or 3, got ", p.kl_estimator);
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor u = at::empty_like(logp), adv_raw = at::empty_like(logp), seq_value = at::empty({B}, logp.options());
   const ScanArgs a{logp.const_data_ptr<double>(), ref.const_data_ptr<double>(), ptr(kl),
-                   mask.const_data_ptr<double>(), B, T, ScanParams{beta, lam, int(kl_estimator)},
+                   mask.const_data_ptr<double>(), B, T, p,
                    u.data_ptr<double>(), adv_raw.data_ptr<double>(), seq_value.data_ptr<double>()};
   if (on_cuda(logp)) {
 #ifdef VIMPO_WITH_CUDA
@@ -78,10 +78,7 @@ std::vector<Tensor> vimpo_epilogue_scan(const Tensor& logp, const Tensor& ref, c
 // -> [adv, g_logp, g_kl (None unless want_g_kl), sums (B, 4)]
 std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref, const OptTensor& old_logp,
                                           const OptTensor& is_w, const Tensor& mask, const Tensor& adv_raw,
-                                          const Tensor& agg_w, const Tensor& dloss_dseq, double beta,
-                                          int64_t kl_estimator, bool detach_kl, bool whiten, double adv_mean,
-                                          double adv_rstd, double actor_coeff, double clip_low, double clip_high,
-                                          double clip_c, bool want_g_kl) {
+                                          const Tensor& agg_w, const Tensor& dloss_dseq, const EpilogueParams& p) {
   TORCH_CHECK(logp.dim() == 2, "vimpo epilogue: logp must be (B, T), got ", logp.sizes());
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"logp", logp}, {"ref_logp", ref}, {"mask", mask},
                           {"adv_raw", adv_raw}, {"agg_w", agg_w}})
@@ -89,17 +86,15 @@ std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref,
   if (old_logp.has_value()) check_bt("old_logp", *old_logp, logp);
   if (is_w.has_value()) check_bt("rollout_is_weights", *is_w, logp);
   check_b("dloss_dseq", dloss_dseq, logp);
-  TORCH_CHECK(clip_c > 1.0, "vimpo epilogue: clip_ratio_c must be > 1, got ", clip_c);
+  TORCH_CHECK(p.clip_c > 1.0, "vimpo epilogue: clip_ratio_c must be > 1, got ", p.clip_c);
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor adv = at::empty_like(logp), g_logp = at::empty_like(logp);
-  Tensor g_kl = want_g_kl ? at::empty_like(logp) : Tensor();
+  Tensor g_kl = p.want_g_kl ? at::empty_like(logp) : Tensor();
   Tensor sums = at::empty({B, 4}, logp.options());
-  const TokenParams prm{beta, int(kl_estimator), detach_kl, whiten, adv_mean, adv_rstd, actor_coeff,
-                        PPOParams{clip_low, clip_high, clip_c, 0.0}};
   const TokenArgs a{logp.const_data_ptr<double>(), ref.const_data_ptr<double>(), ptr(old_logp), ptr(is_w),
                     mask.const_data_ptr<double>(), adv_raw.const_data_ptr<double>(), agg_w.const_data_ptr<double>(),
-                    dloss_dseq.const_data_ptr<double>(), B, T, prm, adv.data_ptr<double>(),
-                    g_logp.data_ptr<double>(), want_g_kl ? g_kl.data_ptr<double>() : nullptr,
+                    dloss_dseq.const_data_ptr<double>(), B, T, p, adv.data_ptr<double>(),
+                    g_logp.data_ptr<double>(), p.want_g_kl ? g_kl.data_ptr<double>() : nullptr,
                     sums.data_ptr<double>()};
   if (on_cuda(logp)) {
 #ifdef VIMPO_WITH_CUDA

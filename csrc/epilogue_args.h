@@ -11,14 +11,14 @@ namespace vimpo {
 struct ScanArgs {
   const double *logp, *ref, *kl, *m;  // kl null for k2/k3
   int64_t B, T;
-  ScanParams p;
+  EpilogueParams p;  // reads beta, lam, kl_estimator
   double *u, *adv_raw, *seq_value;
 };
 
 struct TokenArgs {
   const double *logp, *ref, *old, *is_w, *m, *adv_raw, *agg_w, *dloss_dseq;  // old, is_w may be null
   int64_t B, T;
-  TokenParams p;
+  EpilogueParams p;
   double *adv, *g_logp, *g_kl;  // g_kl may be null
   double* sums;                 // (B, 4): TokenSums per sequence
 };

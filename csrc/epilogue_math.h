@@ -16,19 +16,15 @@
 #include <cmath>
 #include <cstdint>
 
+#include "params.h"  // EpilogueParams: beta, lam, kl_estimator, ... (both passes)
 #include "token_math.h"
 
 namespace vimpo {
 
 enum KlEstimator : int { kKlGiven = 0, kKlK2 = 2, kKlK3 = 3 };  // given: exact or candidate set
 
-struct ScanParams {
-  double beta, lam;
-  int kl_estimator;
-};
-
 // k of docs/math.md, "KL estimators" for one token: the given KL, or k2/k3 from d = logref - logp.
-VIMPO_HD double token_kl(double logp, double ref, double kl_given, int est) {
+VIMPO_HD double token_kl(double logp, double ref, double kl_given, int64_t est) {
   if (est == kKlGiven) return kl_given;
   const double d = ref - logp;
   return est == kKlK2 ? 0.5 * d * d : exp(d) - 1.0 - d;
@@ -39,7 +35,7 @@ VIMPO_HD double token_kl(double logp, double ref, double kl_given, int est) {
 // docs/math.md, "Token term and implicit value", "Actor advantage and whitening").
 // Returns S = sum_t u[t]. `kl` may be null when the estimator forms k itself.
 VIMPO_HD double scan_sequence(const double* logp, const double* ref, const double* kl, const double* m,
-                              int64_t T, const ScanParams& p, double* u, double* adv_raw) {
+                              int64_t T, const EpilogueParams& p, double* u, double* adv_raw) {
   double seq_value = 0.0;
   for (int64_t t = 0; t < T; ++t) {
     const double k = token_kl(logp[t], ref[t], kl ? kl[t] : 0.0, p.kl_estimator);
@@ -53,16 +49,6 @@ VIMPO_HD double scan_sequence(const double* logp, const double* ref, const doubl
   }
   return seq_value;
 }
-
-struct TokenParams {
-  double beta;
-  int kl_estimator;
-  bool detach_kl;
-  bool whiten;
-  double adv_mean, adv_rstd;  // whitening: adv = (adv_raw - mean) * rstd on valid tokens
-  double actor_coeff;
-  PPOParams ppo;  // kl_coeff unused (0)
-};
 
 // Per-sequence sums of the token pass (over valid tokens).
 struct TokenSums {
@@ -80,8 +66,9 @@ struct TokenSums {
 // `old` null = on-policy (ratio exactly 1); `is_w` null = 1.
 VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const double* old, const double* is_w,
                               const double* m, const double* adv_raw, const double* agg_w, int64_t T,
-                              double dloss_dseq, const TokenParams& p, double* adv, double* g_logp,
+                              double dloss_dseq, const EpilogueParams& p, double* adv, double* g_logp,
                               double* g_kl) {
+  const PPOParams ppo = p.ppo();
   TokenSums s{0.0, 0.0, 0.0, 0.0};
   for (int64_t t = 0; t < T; ++t) {
     if (!(m[t] > 0)) {
@@ -96,11 +83,11 @@ VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const doubl
     double log_ratio = logp[t] - o;
     log_ratio = log_ratio > kLogRatioClamp ? kLogRatioClamp : (log_ratio < -kLogRatioClamp ? -kLogRatioClamp : log_ratio);
     const double ratio = exp(log_ratio);
-    const double clamped = ratio < 1.0 - p.ppo.clip_low ? 1.0 - p.ppo.clip_low
-                         : (ratio > 1.0 + p.ppo.clip_high ? 1.0 + p.ppo.clip_high : ratio);
+    const double clamped = ratio < 1.0 - p.clip_low ? 1.0 - p.clip_low
+                         : (ratio > 1.0 + p.clip_high ? 1.0 + p.clip_high : ratio);
     const double loss1 = -a * ratio, loss2 = -a * clamped;
     const double clipped = loss1 > loss2 ? loss1 : loss2;
-    const double loss3 = -a * p.ppo.clip_c;
+    const double loss3 = -a * p.clip_c;
     const double dual = loss3 < clipped ? loss3 : clipped;
     s.loss += agg_w[t] * (a < 0 ? dual : clipped) * w;
     s.clip += loss2 > loss1 ? 1.0 : 0.0;
@@ -110,7 +97,7 @@ VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const doubl
     double du_dlogp = p.beta;  // detached KL, or a given KL (its gradient goes to g_kl)
     if (!p.detach_kl && p.kl_estimator == kKlK2) du_dlogp = p.beta * (1.0 - (logp[t] - ref[t]));
     if (!p.detach_kl && p.kl_estimator == kKlK3) du_dlogp = p.beta * exp(ref[t] - logp[t]);
-    const double g_actor = ppo_dloss_dlogp<double>(logp[t], o, a, agg_w[t], w, logp[t], p.ppo);
+    const double g_actor = ppo_dloss_dlogp<double>(logp[t], o, a, agg_w[t], w, logp[t], ppo);
     g_logp[t] = dloss_dseq * du_dlogp + p.actor_coeff * g_actor;
     if (g_kl) g_kl[t] = -p.beta * dloss_dseq;
   }

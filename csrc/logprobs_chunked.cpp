@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "params.h"
 #include "row_passes.h"
 
 namespace vimpo {
@@ -191,8 +192,7 @@ Candidates candidates_of(const Tensor& idx, const Tensor& z_k, const Tensor& zr_
 template <class T>
 std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                  const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
-                                 double temperature, bool want_kl, bool want_entropy, bool want_grad_norm,
-                                 int64_t topk, int64_t chunk) {
+                                 const TokenStatsParams& p) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool has_ref = ref_hidden.defined();
@@ -206,15 +206,15 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
   if (has_ref) {
     ref_logp = at::empty({N}, opts);
     ref_lse = at::empty({N}, opts64);
-    if (want_kl) kl = at::empty({N}, opts);
+    if (p.want_kl) kl = at::empty({N}, opts);
   }
-  if (want_entropy) entropy = at::empty({N}, opts);
-  Tensor grad_norm = want_grad_norm ? at::empty({N}, opts) : Tensor();
-  const bool candidate_set = want_kl && topk > 0;
-  const int64_t K = std::min(topk, V);
+  if (p.want_entropy) entropy = at::empty({N}, opts);
+  Tensor grad_norm = p.want_grad_norm ? at::empty({N}, opts) : Tensor();
+  const bool candidate_set = p.want_kl && p.topk > 0;
+  const int64_t K = std::min(p.topk, V);
   Tensor cand_idx = candidate_set ? at::empty({N, K}, hidden.options().dtype(at::kLong)) : Tensor();
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, opts);
+  const int64_t C = chunk_rows(p.chunk_rows, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   Tensor ref_buf = has_ref ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
@@ -228,7 +228,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
       ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
     }
     ForwardRows<T> a{z.const_data_ptr<T>(), has_ref ? zr.const_data_ptr<T>() : nullptr,
-                     tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                     tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
                      logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0,
                      has_ref ? ref_logp.data_ptr<T>() + r0 : nullptr,
                      has_ref ? ref_lse.data_ptr<double>() + r0 : nullptr,
@@ -239,7 +239,7 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
     if (candidate_set) {
       const Tensor idx = top_ids(z, K, vm);
       const Candidates c = candidates_of(idx, logits_of_buffer(z, idx, vm), logits_of_buffer(zr, idx, vm),
-                                         1.0 / temperature, lse.narrow(0, r0, n), ref_lse.narrow(0, r0, n));
+                                         1.0 / p.temperature, lse.narrow(0, r0, n), ref_lse.narrow(0, r0, n));
       kl.narrow(0, r0, n).copy_((c.p * (c.logp - c.logq)).sum(1));
       cand_idx.narrow(0, r0, n).copy_(c.idx);
     }
@@ -252,8 +252,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                                   const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                   const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
                                   const Tensor& lse, const Tensor& ref_lse, const Tensor& kl, const Tensor& entropy,
-                                  const Tensor& cand_idx, double temperature, bool need_dh, bool need_dw,
-                                  bool need_db, int64_t chunk) {
+                                  const Tensor& cand_idx, const TokenStatsParams& p) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   // The reference logits are recomputed only when the KL carries a gradient (non-detached KL);
@@ -264,10 +263,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
   const Head head(hidden, weight, bias, dt);
   std::optional<Head> ref_head;
   if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
-  HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
+  HeadGrads grads(head, dt, p.need_dh, p.need_dw, p.need_db && bias.defined());
   const auto opts = hidden.options().dtype(dt);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, opts);
+  const int64_t C = chunk_rows(p.chunk_rows, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   Tensor ref_buf = ref_chunks ? at::empty({C * V}, opts) : Tensor();
   const Tensor tgt = targets.contiguous();
@@ -292,24 +291,24 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       // the target below); the sparse part is scattered at the K ids.
       const Tensor idx = cand_idx.narrow(0, r0, n);
       const Candidates cs = candidates_of(idx, logits_of_buffer(z, idx, vm),
-                                          ref_head->logits_at(ref_head->rows(r0, n, dt), idx), 1.0 / temperature,
+                                          ref_head->logits_at(ref_head->rows(r0, n, dt), idx), 1.0 / p.temperature,
                                           lse_c.narrow(0, r0, n), ref_lse_c.narrow(0, r0, n));
       const Tensor gk = g_kl.narrow(0, r0, n).to(at::kDouble);
       const Tensor shift = gk * (kl_c.narrow(0, r0, n).to(at::kDouble) + cs.p.sum(1));
       const Tensor g_dense = (g_logp.defined() ? g_logp.narrow(0, r0, n).to(at::kDouble) + shift : shift)
                                  .to(dt).contiguous();
-      BackwardRows<T> a{z.data_ptr<T>(), nullptr, tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+      BackwardRows<T> a{z.data_ptr<T>(), nullptr, tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
                         lse_c.const_data_ptr<double>() + r0, nullptr, nullptr, at_r0(ent_c),
                         g_dense.const_data_ptr<T>(), nullptr, g_ent.defined() ? at_r0(g_ent) : nullptr};
       passes.backward(a);
-      const double it = 1.0 / temperature;
+      const double it = 1.0 / p.temperature;
       const int64_t dim = vm ? 0 : 1;
       auto layout = [vm](const Tensor& rows_by_k) { return vm ? rows_by_k.t() : rows_by_k; };  // (n, K) -> buffer's
       z.scatter_add_(dim, layout(tgt.narrow(0, r0, n).unsqueeze(1)), layout((shift * -it).to(dt).unsqueeze(1)));
       z.scatter_add_(dim, layout(cs.idx), layout((gk.unsqueeze(1) * cs.p * (cs.logp - cs.logq + 1.0) * it).to(dt)));
     } else {
       BackwardRows<T> a{z.data_ptr<T>(), ref_chunks ? zr.const_data_ptr<T>() : nullptr,
-                        tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
+                        tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
                         lse_c.const_data_ptr<double>() + r0,
                         ref_chunks ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr,
                         ref_chunks ? at_r0(kl_c) : nullptr, at_r0(ent_c), at_r0(g_logp), at_r0(g_kl),
@@ -324,16 +323,15 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
 template <class T>
 std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                               const Tensor& old_logp, const Tensor& adv, const Tensor& agg_w, const Tensor& is_w,
-                              const Tensor& ref_logp, const PPOParams& prm, double temperature, bool need_dh,
-                              bool need_dw, bool need_db, int64_t chunk) {
+                              const Tensor& ref_logp, const GrpoParams& p) {
   const auto dt = compute_dtype(hidden);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const Head head(hidden, weight, bias, dt);
-  HeadGrads grads(head, dt, need_dh, need_dw, need_db && bias.defined());
+  HeadGrads grads(head, dt, p.need_dh, p.need_dw, p.need_db && bias.defined());
   const auto opts = hidden.options().dtype(dt);
   Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble)), dlogp = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
-  const int64_t C = chunk_rows(chunk, N, V, opts);
+  const int64_t C = chunk_rows(p.chunk_rows, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
@@ -345,8 +343,8 @@ std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const 
     const Tensor rows = head.rows(r0, n, dt);
     head.logits_into(z, rows, vm);
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
-    GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / temperature),
-                  at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), prm,
+    GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
+                  at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), p.ppo(),
                   logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0, dlogp.data_ptr<T>() + r0};
     passes.grpo(a);
     grads.accumulate(z, rows, head, r0, vm);
@@ -379,18 +377,16 @@ void check_token_stats_inputs(const Tensor& hidden, const Tensor& weight, const 
 
 std::vector<Tensor> token_stats_forward(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
                                         const Tensor& targets, const OptTensor& ref_hidden,
-                                        const OptTensor& ref_weight, const OptTensor& ref_bias, double temperature,
-                                        bool want_kl, bool want_entropy, bool want_grad_norm, int64_t topk,
-                                        int64_t chunk) {
+                                        const OptTensor& ref_weight, const OptTensor& ref_bias,
+                                        const TokenStatsParams& p) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
-                           temperature);
-  TORCH_CHECK(!want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
-  TORCH_CHECK(topk >= 0, "topk must be >= 0 (0 = exact KL), got ", topk);
+                           p.temperature);
+  TORCH_CHECK(!p.want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
+  TORCH_CHECK(p.topk >= 0, "topk must be >= 0 (0 = exact KL), got ", p.topk);
   if (compute_dtype(hidden) == at::kDouble)
     return forward_impl<double>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight),
-                                opt(ref_bias), temperature, want_kl, want_entropy, want_grad_norm, topk, chunk);
-  return forward_impl<float>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
-                             temperature, want_kl, want_entropy, want_grad_norm, topk, chunk);
+                                opt(ref_bias), p);
+  return forward_impl<float>(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias), p);
 }
 
 std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTensor& grad_kl,
@@ -398,10 +394,9 @@ std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTe
                                          const OptTensor& bias, const Tensor& targets, const OptTensor& ref_hidden,
                                          const OptTensor& ref_weight, const OptTensor& ref_bias, const Tensor& lse,
                                          const OptTensor& ref_lse, const OptTensor& kl, const OptTensor& entropy,
-                                         const OptTensor& cand_idx, double temperature, bool need_dh, bool need_dw,
-                                         bool need_db, int64_t chunk) {
+                                         const OptTensor& cand_idx, const TokenStatsParams& p) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
-                           temperature);
+                           p.temperature);
   const int64_t N = hidden.size(0);
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"grad_logp", opt(grad_logp)}, {"grad_kl", opt(grad_kl)},
                           {"grad_entropy", opt(grad_entropy)}, {"lse", lse}, {"ref_lse", opt(ref_lse)},
@@ -417,43 +412,39 @@ std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTe
   if (compute_dtype(hidden) == at::kDouble)
     return backward_impl<double>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
                                  opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
-                                 opt(entropy), opt(cand_idx), temperature, need_dh, need_dw, need_db, chunk);
+                                 opt(entropy), opt(cand_idx), p);
   return backward_impl<float>(opt(grad_logp), opt(grad_kl), opt(grad_entropy), hidden, weight, opt(bias), targets,
                               opt(ref_hidden), opt(ref_weight), opt(ref_bias), lse, opt(ref_lse), opt(kl),
-                              opt(entropy), opt(cand_idx), temperature, need_dh, need_dw, need_db, chunk);
+                              opt(entropy), opt(cand_idx), p);
 }
 
 std::vector<Tensor> grpo_forward_grad(const Tensor& hidden, const Tensor& weight, const OptTensor& bias,
                                       const Tensor& targets, const OptTensor& old_logp, const Tensor& adv,
                                       const Tensor& agg_w, const OptTensor& is_w, const OptTensor& ref_logp,
-                                      double clip_low, double clip_high, double clip_c, double kl_coeff,
-                                      double temperature, bool need_dh, bool need_dw, bool need_db, int64_t chunk) {
-  check_token_stats_inputs(hidden, weight, opt(bias), targets, Tensor(), Tensor(), Tensor(), temperature);
+                                      const GrpoParams& p) {
+  check_token_stats_inputs(hidden, weight, opt(bias), targets, Tensor(), Tensor(), Tensor(), p.temperature);
   const int64_t N = hidden.size(0);
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"old_logp", opt(old_logp)}, {"adv", adv},
                           {"agg_w", agg_w}, {"is_w", opt(is_w)}, {"ref_logp", opt(ref_logp)}})
     check_rows(name, t, N, hidden);
-  TORCH_CHECK(kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
-  const PPOParams prm{clip_low, clip_high, clip_c, kl_coeff};
+  TORCH_CHECK(p.kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
   if (compute_dtype(hidden) == at::kDouble)
     return grpo_impl<double>(hidden, weight, opt(bias), targets, opt(old_logp), adv, agg_w, opt(is_w), opt(ref_logp),
-                             prm, temperature, need_dh, need_dw, need_db, chunk);
-  return grpo_impl<float>(hidden, weight, opt(bias), targets, opt(old_logp), adv, agg_w, opt(is_w), opt(ref_logp),
-                          prm, temperature, need_dh, need_dw, need_db, chunk);
+                             p);
+  return grpo_impl<float>(hidden, weight, opt(bias), targets, opt(old_logp), adv, agg_w, opt(is_w), opt(ref_logp), p);
 }
 
 // The per-token coefficient alone (CPU), so tests can hold it against autograd through the
 // reference epilogue: the same `ppo_dloss_dlogp` the forward-gradient passes call.
 Tensor grpo_dloss_dlogp(const Tensor& logp, const OptTensor& old_logp, const Tensor& adv, const Tensor& agg_w,
-                        const OptTensor& is_w, const OptTensor& ref_logp, double clip_low, double clip_high,
-                        double clip_c, double kl_coeff) {
+                        const OptTensor& is_w, const OptTensor& ref_logp, const GrpoParams& p) {
   TORCH_CHECK(logp.is_cpu() && logp.dim() == 1, "logp must be a 1-D CPU tensor");
   const int64_t N = logp.size(0);
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"old_logp", opt(old_logp)}, {"adv", adv},
                           {"agg_w", agg_w}, {"is_w", opt(is_w)}, {"ref_logp", opt(ref_logp)}})
     check_rows(name, t, N, logp);
-  TORCH_CHECK(kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
-  const PPOParams prm{clip_low, clip_high, clip_c, kl_coeff};
+  TORCH_CHECK(p.kl_coeff <= 0 || ref_logp.has_value(), "kl_coeff > 0 needs ref_logp");
+  const PPOParams prm = p.ppo();
   auto d = [](const Tensor& t) { return t.defined() ? t.to(at::kDouble).contiguous() : t; };
   const Tensor lp = d(logp), old = d(opt(old_logp)), a = d(adv), w = d(agg_w), iw = d(opt(is_w)), ref = d(opt(ref_logp));
   Tensor out = at::empty({N}, lp.options());

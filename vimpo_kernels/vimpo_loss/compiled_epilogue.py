@@ -13,12 +13,14 @@ position, ~T x 3 kernel launches on a GPU), and the whole epilogue is ~60 small 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .. import _backends
 from ..config import VIMPOConfig
+from ..params import EpilogueParams
 from ..validate import check_loss_inputs
 from .reference import (AdaptiveCoeffState, actor_coefficient, aggregation_weights, group_baseline,
                         ppo_actor_loss, token_kl_estimate, value_loss_terms, vimpo_metrics, whiten_stats)
@@ -86,8 +88,13 @@ def compiled_vimpo_loss(
     f64 = lambda x: None if x is None else x.detach().to(torch.float64).contiguous()  # noqa: E731
     lp, ref, m64 = f64(logprobs), f64(ref_logprobs), f64(m)
     est = _ESTIMATOR_CODE[config.kl_estimator]
-    u, adv_raw, seq_value = ext.vimpo_epilogue_scan(lp, ref, f64(token_kl) if est == 0 else None, m64,
-                                                     config.beta, config.lam, est)
+    # The config's scalars now; the whitening statistics and c_A once the glue has formed them.
+    params = EpilogueParams(beta=config.beta, lam=config.lam, kl_estimator=est, detach_kl=config.detach_kl,
+                            whiten=config.whiten_adv, clip_low=config.clip_ratio_low,
+                            clip_high=config.clip_ratio_high, clip_c=config.clip_ratio_c,
+                            want_g_kl=est == 0 and not config.detach_kl)
+    kl_given = f64(token_kl) if est == 0 else None
+    u, adv_raw, seq_value = ext.vimpo_epilogue_scan(lp, ref, kl_given, m64, params.pack())
 
     # O(B) glue, by the reference's own functions
     # (docs/math.md, "Baseline, target and residual", "Value loss").
@@ -113,15 +120,13 @@ def compiled_vimpo_loss(
             logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual, logit_grad_norm,
             adaptive_state, num_tokens, num_sequences, process_group, config)
 
-    want_g_kl = est == 0 and not config.detach_kl
+    params = dataclasses.replace(params, adv_mean=mean, adv_rstd=rstd, actor_coeff=actor_coeff)
     adv, g_logp, g_kl, sums = ext.vimpo_epilogue_tokens(
-        lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq),
-        config.beta, est, config.detach_kl, config.whiten_adv, mean, rstd, actor_coeff,
-        config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c, want_g_kl)
+        lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq), params.pack())
     pg_loss = sums[:, 0].sum().to(dt)
     loss_value = (value_loss.detach() + actor_coeff * pg_loss).to(dt)
-    loss = _EpilogueLoss.apply(logprobs, token_kl if want_g_kl else None, loss_value, g_logp.to(dt),
-                               g_kl.to(dt) if want_g_kl else None)
+    loss = _EpilogueLoss.apply(logprobs, token_kl if params.want_g_kl else None, loss_value, g_logp.to(dt),
+                               g_kl.to(dt) if params.want_g_kl else None)
 
     adv, adv_raw = adv.to(dt), adv_raw.to(dt)
     kl = token_kl_estimate(logprobs.detach(), ref_logprobs, None if token_kl is None else token_kl.detach(), config)
@@ -133,7 +138,7 @@ def compiled_vimpo_loss(
     if return_details:
         # The implicit values are the lambda = 1 scan, negated: adv_raw itself when lam is 1.
         neg_values = adv_raw if config.lam == 1.0 else ext.vimpo_epilogue_scan(
-            lp, ref, f64(token_kl) if est == 0 else None, m64, config.beta, 1.0, est)[1]
+            lp, ref, kl_given, m64, dataclasses.replace(params, lam=1.0).pack())[1]
         metrics["details"] = {
             "token_kl": kl.detach(), "u": u.to(dt), "seq_value": seq_value.to(dt), "baseline": baseline,
             "target": target.detach(), "residual": residual, "values": -neg_values.to(dt), "adv_raw": adv_raw,

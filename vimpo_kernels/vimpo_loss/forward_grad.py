@@ -11,6 +11,7 @@ the coefficient is tested against autograd through it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,8 +19,17 @@ import torch
 from .. import _backends, _env
 from ..config import VIMPOConfig
 from ..logprobs.api import fused_linear_logprobs
+from ..params import GrpoParams
 from ..validate import check_loss_inputs, check_target_range, check_token_stats_inputs
 from .reference import aggregation_weights, grpo_token_advantages, vimpo_loss
+
+
+def _grpo_params(config: VIMPOConfig) -> GrpoParams:
+    """The compiled GRPO-family ops' scalars from the config (the `need_*` flags are the
+    autograd function's to set)."""
+    return GrpoParams(clip_low=config.clip_ratio_low, clip_high=config.clip_ratio_high, clip_c=config.clip_ratio_c,
+                      kl_coeff=config.kl_loss_coeff, temperature=float(config.temperature),
+                      chunk_rows=_env.CHUNK_ROWS)
 
 
 def grpo_dloss_dlogp(logprobs, mask, rewards, group_ids, config: VIMPOConfig, *, old_logprobs=None,
@@ -33,10 +43,9 @@ def grpo_dloss_dlogp(logprobs, mask, rewards, group_ids, config: VIMPOConfig, *,
     adv = grpo_token_advantages(mask, rewards, group_ids, config, advantages, dt)
     agg_w = aggregation_weights(mask, config, num_tokens, num_sequences, dt)
     pick = lambda x: None if x is None else x.to(dt)[valid]  # noqa: E731
-    g = _backends.require_extension().grpo_dloss_dlogp(logprobs.detach()[valid], pick(old_logprobs), adv[valid], agg_w[valid],
-                                pick(rollout_is_weights), pick(ref_logprobs) if config.kl_loss_coeff > 0 else None,
-                                config.clip_ratio_low, config.clip_ratio_high, config.clip_ratio_c,
-                                config.kl_loss_coeff)
+    g = _backends.require_extension().grpo_dloss_dlogp(
+        logprobs.detach()[valid], pick(old_logprobs), adv[valid], agg_w[valid], pick(rollout_is_weights),
+        pick(ref_logprobs) if config.kl_loss_coeff > 0 else None, _grpo_params(config).pack())
     return torch.zeros_like(logprobs).masked_scatter(valid, g)
 
 
@@ -48,12 +57,12 @@ class _GrpoForwardGrad(torch.autograd.Function):
     `vimpo_loss` (the coefficient is tested against autograd through it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, consts: dict, epilogue, out: dict):
+    def forward(ctx, hidden, weight, bias, targets, consts: dict, params: GrpoParams, epilogue, out: dict):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        params = dataclasses.replace(params, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
         logp, _lse, dlogp, d_hidden, d_weight, d_bias = _backends.require_extension().grpo_forward_grad(
             hidden, weight, bias, targets, consts["old_logp"], consts["adv"], consts["agg_w"], consts["is_w"],
-            consts["ref_logp"], consts["clip_low"], consts["clip_high"], consts["clip_c"], consts["kl_coeff"],
-            consts["temperature"], need_dh, need_dw, need_db, _env.CHUNK_ROWS)
+            consts["ref_logp"], params.pack())
         loss, metrics = epilogue(logp)
         out["metrics"], out["logprobs"], out["dlogp"] = metrics, logp, dlogp
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -62,7 +71,7 @@ class _GrpoForwardGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 def forward_grad_loss(hidden, weight, targets, mask, rewards, group_ids, *, bias=None,
@@ -108,8 +117,6 @@ def forward_grad_loss(hidden, weight, targets, mask, rewards, group_ids, *, bias
         "agg_w": pack(aggregation_weights(mask, config, num_tokens, num_sequences, dt)),
         "is_w": pack(rollout_is_weights),
         "ref_logp": pack(ref_logprobs) if needs_ref else None,
-        "clip_low": config.clip_ratio_low, "clip_high": config.clip_ratio_high, "clip_c": config.clip_ratio_c,
-        "kl_coeff": config.kl_loss_coeff, "temperature": float(config.temperature),
     }
 
     def epilogue(logp_packed):
@@ -120,5 +127,5 @@ def forward_grad_loss(hidden, weight, targets, mask, rewards, group_ids, *, bias
                               **loss_kwargs)
 
     out: dict = {}
-    loss = _GrpoForwardGrad.apply(h2, weight, bias, t1, consts, epilogue, out)
+    loss = _GrpoForwardGrad.apply(h2, weight, bias, t1, consts, _grpo_params(config), epilogue, out)
     return loss, out["metrics"]

@@ -18,6 +18,7 @@ import torch
 from vimpo_kernels import _env, fused_linear_logprobs
 from vimpo_kernels.logprobs import linear_logprobs_reference
 from vimpo_kernels.logprobs.compiled_function import compiled_linear_token_stats
+from vimpo_kernels.params import TokenStatsParams
 
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 
@@ -336,8 +337,9 @@ def test_opcheck_fake_and_autograd_registration(features):
                                         "grad-norm": (False, 0, False, True),
                                         "policy-only": (False, 0, False, False)}[features]
     ref = features != "policy-only"
+    params = TokenStatsParams(temperature=0.9, want_kl=want_kl, want_entropy=want_ent, want_grad_norm=want_gn,
+                              topk=topk, chunk_rows=2)
     args = (p["hidden"].requires_grad_(), p["weight"].requires_grad_(), p["bias"], p["targets"],
-            p["ref_hidden"] if ref else None, p["ref_weight"] if ref else None, None, 0.9, want_kl, want_ent,
-            want_gn, topk, 2)
+            p["ref_hidden"] if ref else None, p["ref_weight"] if ref else None, None, params.pack())
     torch.library.opcheck(torch.ops.vimpo.compiled_token_stats.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
