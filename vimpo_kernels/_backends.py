@@ -37,8 +37,10 @@ class Backend:
     entropy: bool
     logit_grad_norm: bool
     """||d logp / d logits|| per token (the adaptive actor coefficient's statistic)."""
-    forward_grad: bool
-    """Per-token-separable losses (GRPO family) with the gradients formed inside the forward."""
+    forward_kernels: tuple[str, ...]
+    """Per-token coefficients d loss / d logp its forward-gradient kernels implement (the
+    registry's `Algorithm.forward_kernel`): a separable loss with one of them gets its gradients
+    inside the forward. "ppo_clip": clip, dual clip, k3 penalty (grpo, dr_grpo, dapo, bnpo)."""
     compiled_epilogue: bool
     """The VIMPO sequence epilogue runs the compiled kernels (csrc/epilogue_math.h), when the
     extension is built for the tensors' device."""
@@ -46,15 +48,20 @@ class Backend:
     """Builds the N x V logits (the reference): fine for tests, ruinous at LLM vocabularies."""
     summary: str
 
+    @property
+    def forward_grad(self) -> bool:
+        """Has a forward-gradient route at all."""
+        return bool(self.forward_kernels)
+
 
 BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in (
-    Backend("triton", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), ("exact",), True, False, False,
+    Backend("triton", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), ("exact",), True, False, (),
             True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden"),
-    Backend("cuda", ("cuda",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, True, True, False,
+    Backend("cuda", ("cuda",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
             "compiled C++/CUDA: chunked GEMMs + CUDA row passes"),
-    Backend("cpu", ("cpu",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, True, True, False,
+    Backend("cpu", ("cpu",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
             "compiled C++ (OpenMP): chunked GEMMs + vectorized row passes"),
-    Backend("torch", ("cpu", "cuda"), _ALL_FLOATS, ("exact", "candidate_set"), True, True, False, False, True,
+    Backend("torch", ("cpu", "cuda"), _ALL_FLOATS, ("exact", "candidate_set"), True, True, (), False, True,
             "pure-PyTorch reference: materializes N x V logits; the truth"),
 )}
 BACKENDS = tuple(BACKEND_TABLE)
@@ -132,8 +139,9 @@ class Route:
 
     backend: str
     gradients: str
-    """"forward" (formed inside the forward chunk loop: per-token-separable losses on a backend
-    with `forward_grad`) or "recompute" (the backward recomputes the logits)."""
+    """"forward" (formed inside the forward chunk loop: a per-token-separable loss whose
+    coefficient the backend's `forward_kernels` implement) or "recompute" (the backward
+    recomputes the logits)."""
     epilogue: str
     """"compiled" (csrc/epilogue_math.h), "reference" (vimpo_loss) or "none" (forward route)."""
     why: str
@@ -167,15 +175,17 @@ def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dt
 
 def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
          kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False,
-         separable: bool = False, compiled_epilogue: bool = False) -> Route:
+         separable: bool = False, forward_kernel: Optional[str] = None,
+         compiled_epilogue: bool = False) -> Route:
     """Choose the route of one call, from `BACKEND_TABLE` alone.
 
     Args:
         backend: "auto" or a name of `BACKEND_TABLE`. `VIMPO_BACKEND` replaces "auto".
         device, dtype, weight_dtype: the hidden states' device and dtype, the weight's dtype.
         kl, entropy, logit_grad_norm: the token statistics the call needs.
-        separable: the loss's gradient is per-token separable (see `algorithms.py`): a backend
-            with `forward_grad` forms the gradients inside the forward.
+        separable, forward_kernel: the loss's gradient is per-token separable and its per-token
+            coefficient is `forward_kernel` (`Algorithm.separable` / `.forward_kernel`): a backend
+            whose `forward_kernels` has that coefficient forms the gradients inside the forward.
         compiled_epilogue: the loss's sequence epilogue exists in compiled form for this config.
 
     Rules: an explicit backend that cannot run the call raises `ValueError` saying what it lacks
@@ -194,7 +204,7 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
         _check_explicit(backend, device, dtype, needs)
         name, why = backend, "requested"
     spec = BACKEND_TABLE[name]
-    if separable and spec.forward_grad:
+    if separable and forward_kernel is not None and forward_kernel in spec.forward_kernels:
         return Route(name, "forward", "none", why)
     on_device = device.type == "cpu" or (extension() is not None and extension().built_with_cuda())
     use_compiled = compiled_epilogue and spec.compiled_epilogue and extension() is not None and on_device

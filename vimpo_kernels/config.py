@@ -29,7 +29,9 @@ class VIMPOConfig:
     """
 
     algorithm: str = "vimpo"
-    """`vimpo` (implicit value, reverse-scan advantage), `grpo`, `dr_grpo` or `dapo`."""
+    """A name of the registry `ALGORITHMS` (vimpo_kernels/algorithms.py): `vimpo` (implicit value,
+    reverse-scan advantage), the GRPO family `grpo`, `dr_grpo`, `dapo`, `bnpo`, `gspo`, `luspo`,
+    `cispo`, `sapo`, `vespo`, and `gn_ivo` (docs/algorithms.md maps TRL's, Liger's and verl's names)."""
 
     # --- VIMPO token term and value loss (docs/math.md, "Token term and implicit value" to "Soft value type") ---
     beta: float = 5e-4
@@ -80,6 +82,22 @@ class VIMPOConfig:
     """GRPO-family only: coefficient of a per-token k3 KL penalty against the reference
     log-probs (TRL/Liger style). 0 in the authors' GRPO arm."""
 
+    # --- family-specific knobs (docs/math.md, "CISPO, SAPO and VESPO", "GN-IVO"); Liger 0.8.5's defaults ---
+    sapo_temperature_pos: float = 1.0
+    """SAPO: gate temperature tau for tokens with advantage > 0."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO: gate temperature tau for tokens with advantage <= 0."""
+    vespo_k_pos: float = 2.0
+    """VESPO: power k of the gamma weight phi(w) = exp(lam) w^k exp(-lam w) for advantage >= 0."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO: rate lam of the gamma weight for advantage >= 0."""
+    vespo_k_neg: float = 3.0
+    """VESPO: power k for advantage < 0."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO: rate lam for advantage < 0."""
+    gn_ivo_alpha: float = 0.2
+    """GN-IVO: temperature alpha of the target weights softmax_i(R_i / alpha) within a group."""
+
     # --- sampling and input policy ---
     temperature: float = 1.0
     """Both policy and reference logits are divided by it before the softmax."""
@@ -109,6 +127,11 @@ class VIMPOConfig:
         _check_real("clip_ratio_c", self.clip_ratio_c, low=1.0, open_low=True)
         _check_real("temperature", self.temperature, low=0.0, open_low=True)
         _check_real("grpo_epsilon", self.grpo_epsilon, low=0.0)
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg",
+                     "gn_ivo_alpha"):
+            _check_real(name, getattr(self, name), low=0.0, open_low=True)
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            _check_real(name, getattr(self, name), low=0.0)
         _check_real("adaptive_alpha", self.adaptive_alpha, low=0.0)
         _check_real("adaptive_ema_decay", self.adaptive_ema_decay, low=0.0, high=1.0, open_high=True)
         _check_real("adaptive_eps", self.adaptive_eps, low=0.0, open_low=True)
@@ -144,6 +167,11 @@ class VIMPOConfig:
     def grpo_norm_by_std(self) -> bool:
         """The centred reward is divided by the group std (GRPO, DAPO; not Dr.GRPO)."""
         return self.spec.advantage == "group_std"
+
+    @property
+    def policy_loss(self) -> str:
+        """The policy term of the loss reference (`Algorithm.policy_loss`)."""
+        return self.spec.policy_loss
 
     @property
     def needs_exact_kl(self) -> bool:

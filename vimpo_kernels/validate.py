@@ -93,6 +93,9 @@ def check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids
         check_tensor("advantages", advantages, floating=True, device=dev, dims=(1, 2))
         if advantages.shape not in ((B,), shape):
             raise ValueError(f"advantages must have shape {(B,)} or {tuple(shape)}, got {tuple(advantages.shape)}")
+        if config.policy_loss == "gn_ivo" and advantages.shape != (B,):
+            raise ValueError(f"advantages must have shape {(B,)} for algorithm='gn_ivo' (one score per response, "
+                             f"the softmax's input), got {tuple(advantages.shape)}")
 
     if config.nan_policy == "raise":
         check_finite("rewards", rewards)

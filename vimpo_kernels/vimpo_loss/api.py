@@ -85,6 +85,7 @@ def fused_vimpo_loss(
     want_grad_norm = config.adaptive_actor_coeff and "logit_grad_norm" not in loss_kwargs
     route = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
                            logit_grad_norm=want_grad_norm, separable=config.spec.separable,
+                           forward_kernel=config.spec.forward_kernel,
                            compiled_epilogue=compiled_epilogue_supports(config) is None)
     if route.gradients == "forward":
         # The per-token coefficient is known in the forward: gradients without a recompute.

@@ -61,9 +61,10 @@ class FusedLinearGRPOLoss(FusedLinearVIMPOLoss):
 
     def __init__(self, loss_type: str = "dapo", backend: str = "auto", **config_overrides: Any):
         config = VIMPOConfig.for_algorithm(loss_type, **config_overrides)
-        if not config.is_grpo_family:
-            raise ValueError(f"loss_type must be a group-advantage algorithm, got {loss_type!r} "
-                             "(use FusedLinearVIMPOLoss for VIMPO)")
+        if not config.spec.advantages_suffice:
+            raise ValueError(f"loss_type must be an algorithm that needs only advantages, got {loss_type!r} "
+                             "(use FusedLinearVIMPOLoss / fused_vimpo_loss with rewards and group_ids for "
+                             "VIMPO and GN-IVO)")
         super().__init__(config, backend)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,

@@ -9,6 +9,7 @@ Shapes: B responses, T padded response positions. `mask` is 1 on response tokens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -252,11 +253,11 @@ def whiten_stats(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased
 
 def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences,
                    config: VIMPOConfig):
-    """PPO clipped + dual-clipped loss, aggregated (docs/math.md, "PPO clip and dual clip").
-    Returns the loss, metrics, the detached ratio and the detached 'active' indicator (tokens
-    that carry gradient)."""
-    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
-    log_ratio = torch.where(valid, logprobs - old, 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    """PPO clipped + dual-clipped loss, aggregated (docs/math.md, "PPO clip and dual clip"), on
+    the token ratio or, for `ratio_level="sequence"` algorithms, the sequence ratio shared by the
+    tokens of a response (docs/math.md, "Sequence-level ratio"). Returns the loss, metrics, the
+    detached ratio and the detached 'active' indicator (tokens that carry gradient)."""
+    log_ratio = policy_log_ratio(logprobs, old_logprobs, valid, config.spec.ratio_level)
     ratio = torch.exp(log_ratio)
     # The same ops as the reference, so torch's tie-splitting in max/min gives the same gradient.
     loss1 = -adv * ratio
@@ -279,6 +280,19 @@ def ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights, nu
             "ppo_kl": masked_mean(-log_ratio, valid),
         }
     return pg_loss, metrics, r, active
+
+
+def policy_log_ratio(logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], valid: torch.Tensor,
+                     level: str = "token") -> torch.Tensor:
+    """(B, T) Delta = clamp(logp - logp_old, -20, 20) per token, 0 on padding; with `level="sequence"`
+    every valid token of a row carries the row's mean token log-ratio instead, clamped the same way
+    (docs/math.md, "PPO clip and dual clip", "Sequence-level ratio"). Old log-probs default to sg[logp]."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    if level == "sequence":
+        token = torch.where(valid, logprobs - old, 0.0)
+        seq = token.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        return torch.where(valid, seq, 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    return torch.where(valid, logprobs - old, 0.0).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
 
 
 def aggregate(per_token: torch.Tensor, m: torch.Tensor, mode: str, num_tokens=None, num_sequences=None,
@@ -401,15 +415,27 @@ def actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, l
 
 def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_logprobs, rollout_is_weights,
                       advantages, num_tokens, num_sequences, config: VIMPOConfig, return_details: bool):
-    """docs/math.md, "GRPO family": outcome advantage from the group, then the PPO loss of
-    docs/math.md, "PPO clip and dual clip"."""
-    if advantages is None:
-        advantages = grpo_advantages(rewards, group_ids, norm_by_std=config.grpo_norm_by_std,
-                                     epsilon=config.grpo_epsilon)
-    adv = advantages.to(logprobs.dtype)
-    adv = (adv[:, None] if adv.dim() == 1 else adv) * m
-    pg_loss, metrics, _, _ = ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights,
-                                            num_tokens, num_sequences, config)
+    """docs/math.md, "GRPO family": outcome advantage from the group, then the policy term of the
+    algorithm (`Algorithm.policy_loss`): the PPO loss of docs/math.md, "PPO clip and dual clip"
+    (token or sequence ratio), CISPO / SAPO / VESPO (docs/math.md, "CISPO, SAPO and VESPO") or
+    GN-IVO (docs/math.md, "GN-IVO"); plus the optional k3 penalty."""
+    if config.policy_loss == "gn_ivo":
+        pg_loss, metrics, adv = gn_ivo_loss(logprobs, old_logprobs, valid, rewards, group_ids, config.gn_ivo_alpha,
+                                            advantages, num_sequences)
+    else:
+        if advantages is None:
+            advantages = grpo_advantages(rewards, group_ids, norm_by_std=config.grpo_norm_by_std,
+                                         epsilon=config.grpo_epsilon)
+        adv = advantages.to(logprobs.dtype)
+        adv = (adv[:, None] if adv.dim() == 1 else adv) * m
+        if config.policy_loss == "ppo_clip":
+            pg_loss, metrics, _, _ = ppo_actor_loss(logprobs, old_logprobs, adv, m, valid, rollout_is_weights,
+                                                    num_tokens, num_sequences, config)
+        else:
+            per_token, metrics = soft_policy_token_loss(logprobs, old_logprobs, adv, valid, rollout_is_weights,
+                                                        config)
+            pg_loss = aggregate(per_token, m, config.loss_agg_mode, num_tokens, num_sequences,
+                                config.loss_agg_norm_len)
     loss = pg_loss
     if config.kl_loss_coeff > 0:
         d = ref_logprobs - logprobs
@@ -422,6 +448,119 @@ def _grpo_family_loss(logprobs, ref_logprobs, m, valid, rewards, group_ids, old_
     if return_details:
         metrics["details"] = {"adv": adv.detach()}
     return loss, metrics
+
+
+def soft_policy_token_loss(logprobs, old_logprobs, adv, valid, rollout_is_weights, config: VIMPOConfig):
+    """(B, T) per-token policy loss of CISPO, SAPO or VESPO, before aggregation, and metrics
+    (docs/math.md, "CISPO, SAPO and VESPO"). `adv` is (B, T), 0 on padding."""
+    kind = config.policy_loss
+    log_ratio = policy_log_ratio(logprobs, old_logprobs, valid)
+    ratio = torch.exp(log_ratio)
+    is_w = None if rollout_is_weights is None else rollout_is_weights.to(logprobs.dtype)
+    metrics = {"ppo_kl": masked_mean(-log_ratio, valid)}
+    if kind == "cispo":
+        # The importance weight is clipped and detached: every token keeps its gradient through logp.
+        weight = ratio.clamp(1.0 - config.clip_ratio_low, 1.0 + config.clip_ratio_high).detach()
+        per_token = -weight * adv * logprobs
+        with torch.no_grad():
+            metrics["clip_frac"] = masked_mean(((ratio > 1.0 + config.clip_ratio_high) & (adv > 0)).to(adv.dtype),
+                                               valid)
+    elif kind == "sapo":
+        tau = torch.where(adv > 0, adv.new_tensor(config.sapo_temperature_pos),
+                          adv.new_tensor(config.sapo_temperature_neg))
+        gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+        per_token = -gate * adv
+        with torch.no_grad():
+            metrics["sapo_gate_mean"] = masked_mean(gate, valid)
+    elif kind == "vespo":
+        phi = vespo_sequence_weight(log_ratio.detach(), adv, valid, is_w, config)
+        per_token = -phi * adv * logprobs
+        metrics["vespo_phi_mean"] = masked_mean(phi.expand_as(adv), valid)
+        is_w = None  # folded into the sequence ratio of phi
+    else:
+        raise ValueError(f"unknown policy loss {kind!r}")
+    if is_w is not None:
+        per_token = per_token * is_w
+    return per_token, metrics
+
+
+@torch.no_grad()
+def vespo_sequence_weight(log_ratio, adv, valid, rollout_is_weights, config: VIMPOConfig) -> torch.Tensor:
+    """VESPO's detached gamma weight phi of the sequence ratio (docs/math.md, "CISPO, SAPO and VESPO"):
+    (B, T) (one value per row, by the sign of each token's advantage)."""
+    log_floor = math.log(1e-8)
+    seq = torch.where(valid, log_ratio, 0.0).sum(-1, keepdim=True)
+    if rollout_is_weights is not None:
+        log_is = torch.log(rollout_is_weights).clamp(log_floor, _LOG_RATIO_CLAMP)
+        seq = seq + torch.where(valid, log_is, 0.0).sum(-1, keepdim=True)
+    log_w = seq.clamp(log_floor, _LOG_RATIO_CLAMP)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, adv.new_tensor(config.vespo_k_pos), adv.new_tensor(config.vespo_k_neg))
+    lam = torch.where(nonneg, adv.new_tensor(config.vespo_lambda_pos), adv.new_tensor(config.vespo_lambda_neg))
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def group_softmax_weights(scores: torch.Tensor, group_ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B,) w_i = softmax over i's group of scores / alpha (GN-IVO's target, docs/math.md, "GN-IVO")."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    w = torch.empty_like(scores)
+    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
+        rows = (inverse == g).nonzero().squeeze(-1)
+        w[rows] = torch.softmax(scores[rows] / alpha, 0)
+    return w
+
+
+def gn_ivo_prefix_log_ratios(logprobs, old_logprobs, valid) -> torch.Tensor:
+    """(B, T) P[i, n-1] = log r_i(n) = sum of the first n valid token log-ratios of row i, for
+    n = 1..T; past the row's last valid token it stays at the full-response value
+    (docs/math.md, "GN-IVO"). Holes in the mask are skipped."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
+    prefix = torch.where(valid, logprobs - old, 0.0).cumsum(-1)
+    B, T = valid.shape
+    pos = torch.arange(T, device=valid.device).expand(B, T)
+    # Positions of the valid tokens in order, then the padded ones; the n-th prefix ends at the
+    # n-th valid position, and every n past the length at the last column (the full sum).
+    order = torch.argsort(torch.where(valid, pos, pos + T), dim=-1, stable=True)
+    n = torch.arange(T, device=valid.device)[None, :]
+    index = torch.where(n < valid.sum(-1, keepdim=True), order, T - 1)
+    return prefix.gather(-1, index)
+
+
+def gn_ivo_loss(logprobs, old_logprobs, valid, rewards, group_ids, alpha: float, advantages=None,
+                num_sequences=None):
+    """GN-IVO (docs/math.md, "GN-IVO"): per group, the cross-entropy between the target weights
+    softmax_i(R_i / alpha) and the group softmax of the prefix log-ratios log r_i(n), averaged
+    over the prefix lengths n = 1..H_g (H_g the longest response of the group); each group
+    weighs |g| / n_seq. `advantages` (B,), when given (e.g. R - group mean over the step batch),
+    replace the rewards in the softmax (it is shift-invariant). Returns (loss, metrics, w (B, T))."""
+    scores = rewards if advantages is None else advantages
+    if scores.dim() != 1:
+        raise ValueError("algorithm='gn_ivo' takes one advantage (reward score) per response: shape (B,)")
+    prefix = gn_ivo_prefix_log_ratios(logprobs, old_logprobs, valid)
+    w = group_softmax_weights(scores.to(logprobs.dtype).detach(), group_ids, alpha)
+    lengths = valid.sum(-1)
+    n_seq = valid.shape[0] if num_sequences is None else num_sequences
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    total = logprobs.new_zeros(())
+    entropy = logprobs.new_zeros(())
+    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
+        rows = (inverse == g).nonzero().squeeze(-1)
+        horizon = int(lengths[rows].max())
+        if horizon == 0:
+            continue
+        p = prefix[rows, :horizon]                                   # (K, H_g): log r_i(n)
+        log_q = p - torch.logsumexp(p, dim=0, keepdim=True)          # group log-softmax per prefix
+        ce = -(w[rows, None] * log_q).sum(0)                         # (H_g,)
+        total = total + rows.numel() * ce.mean()
+        with torch.no_grad():
+            entropy = entropy + rows.numel() * -(w[rows] * torch.log(w[rows].clamp(min=1e-300))).sum()
+    loss = total / n_seq
+    metrics = {"gn_ivo_target_entropy": (entropy / n_seq).detach(),
+               "ppo_kl": masked_mean(-torch.where(valid, logprobs - (logprobs.detach() if old_logprobs is None
+                                                                     else old_logprobs.to(logprobs.dtype)), 0.0),
+                                     valid)}
+    return loss, metrics, w[:, None] * valid.to(logprobs.dtype)
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
