@@ -1,0 +1,646 @@
+"""Cost model of every GPU path of the VIMPO loss on one device (docs/roofline.md prints from this).
+
+    python bench/tools/roofline.py                  # every table of docs/roofline.md, in its order
+    python bench/tools/roofline.py --update-doc docs/roofline.md              # rewrite the doc's tables
+    python bench/tools/roofline.py --n 8192 --h 2560 --device "H200 SXM"   # another point
+
+The problem: N tokens, hidden size H, vocabulary V, bf16 operands, a policy and a reference
+model with the same shapes, the exact KL(pi || pi_ref) (detached, the paper recipe), forward +
+backward. Nothing here is measured: it is a reading of the code turned into bytes and FLOPs.
+
+A path is a list of kernel steps that run one after another on one stream. A step's time is
+
+    max(MMA FLOPs / (tensor rate x GEMM efficiency), HBM bytes / HBM bandwidth,
+        L2 operand bytes / L2 bandwidth + L2 atomic bytes / L2 atomic rate)
+    + elementwise time when it does not overlap the MMA (the fused Triton kernels)
+
+and a path's time is the sum over its steps. Fraction of peak = useful FLOPs / (time x dense
+bf16 peak), with useful FLOPs = the four GEMMs (8 N H V) plus one recompute of the policy logits
+(2 N H V) for the paths that recompute them; a second recompute (the reference logits) is not
+useful work.
+
+Every device figure is a datasheet number or a stated assumption (`Device`); change one and
+every table moves with it. `bench/tools/gpu_check.py` imports `DEVICES` and `predicted_ms` to
+put the model beside what a GPU measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, replace
+
+GB = 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# the device
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    bf16: float = 989.4e12
+    """Dense bf16 tensor-core peak, FLOP/s (datasheet)."""
+    tf32: float = 494.7e12
+    """Dense TF32 tensor-core peak (datasheet): fp32 GEMMs when torch's allow_tf32 is on."""
+    fp32: float = 66.9e12
+    """fp32 FMA peak of the CUDA cores (datasheet): SGEMM and elementwise math."""
+    hbm: float = 3.35e12
+    """HBM bandwidth, B/s (datasheet)."""
+    l2_bytes: float = 50e6
+    """L2 capacity (datasheet)."""
+    l2_usable: float = 0.5
+    """Assumption: the share of L2 a working set may occupy and still hit (two partitions,
+    other traffic, imperfect LRU)."""
+    l2_bw: float = 7.0e12
+    """Assumption: sustained L2 -> SM bandwidth for tile loads."""
+    l2_atomic: float = 3.0e12
+    """Assumption: L2 throughput of fp32 reductions (red.global.add.f32), chip-wide."""
+    exp_rate: float = 16 * 132 * 1.83e9
+    """SFU exp2 per second: 16 per SM per clock, 132 SMs, 1.83 GHz."""
+    gemm_eff: float = 0.80
+    """Assumption: the share of the tensor (or FMA) peak a large cuBLAS GEMM sustains; the
+    floor is also printed at 100 %."""
+    sms: int = 132
+    memory: float = 81559 * 2**20
+    """Device memory, bytes, as nvidia-smi reports it (H100 80GB HBM3: 81559 MiB)."""
+
+
+H100_SXM = Device("H100 SXM")
+DEVICES = {
+    "H100 SXM": H100_SXM,
+    # Same SM array and L2 as the H100 SXM; faster, larger HBM3e (datasheet).
+    "H200 SXM": replace(H100_SXM, name="H200 SXM", hbm=4.8e12, memory=143771 * 2**20),
+}
+
+
+# torch.cuda.get_device_name() -> (label, dense bf16 FLOP/s from the datasheet, key of DEVICES
+# when the full model exists). The first pattern that matches wins: PCIe and NVL parts before the
+# SXM default ("NVIDIA H100 80GB HBM3" is the SXM5 part), L40S before L4.
+DEVICE_NAMES = (
+    (r"H[18]00.*PCIe", "H100 PCIe", 756e12, None),
+    (r"H100.*NVL", "H100 NVL", 835e12, None),
+    (r"H200.*NVL", "H200 NVL", 835e12, None),
+    (r"GH200", "GH200", 989.4e12, None),
+    (r"H200", "H200 SXM", 989.4e12, "H200 SXM"),
+    (r"H[18]00", "H100 SXM", 989.4e12, "H100 SXM"),
+    (r"B200", "B200", 2250e12, None),
+    (r"A100|A800", "A100", 312e12, None),
+    (r"L40S", "L40S", 362e12, None),
+    (r"\bL4\b", "L4", 121e12, None),
+)
+
+
+def device_from_name(name: str) -> tuple:
+    """(label, dense bf16 peak FLOP/s, DEVICES key or None); (None, None, None) when unknown."""
+    import re
+    for pattern, label, peak, model in DEVICE_NAMES:
+        if re.search(pattern, name or ""):
+            return label, peak, model
+    return None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# the problem and the steps
+
+
+@dataclass(frozen=True)
+class Shape:
+    N: int
+    H: int = 4096
+    V: int = 151936
+    b: int = 2
+    """Operand bytes (bf16)."""
+
+    @property
+    def nhv(self) -> float:
+        return float(self.N) * self.H * self.V
+
+
+@dataclass
+class Step:
+    """One kernel (or a group of identical ones: `count`)."""
+
+    name: str
+    count: int = 1
+    flops: float = 0.0
+    rate: str = "bf16"
+    """Tensor rate of the MMA FLOPs: "bf16", "tf32" or "fp32" (CUDA-core SGEMM)."""
+    hbm: float = 0.0
+    l2: float = 0.0
+    """Operand bytes pulled from L2 by the SMs."""
+    atomics: float = 0.0
+    """fp32 reduction bytes executed in L2."""
+    ew_flops: float = 0.0
+    exps: float = 0.0
+    ew_overlaps: bool = True
+    """Whether the elementwise work overlaps the memory/MMA time (separate kernels: yes; the
+    fused Triton kernels: no, MMA and the online statistics alternate in one instruction stream)."""
+
+    def seconds(self, dev: Device) -> float:
+        rate = {"bf16": dev.bf16, "tf32": dev.tf32, "fp32": dev.fp32}[self.rate]
+        mma = self.flops / (rate * dev.gemm_eff)
+        ew = self.ew_flops / dev.fp32 + self.exps / dev.exp_rate
+        bound = max(mma, self.hbm / dev.hbm, self.l2 / dev.l2_bw + self.atomics / dev.l2_atomic)
+        return self.count * (max(bound, ew) if self.ew_overlaps else bound + ew)
+
+
+@dataclass
+class Path:
+    key: str
+    title: str
+    steps: list[Step]
+    recomputes_policy: bool
+    """The backward recomputes the policy logits (counted as useful work, 2 N H V)."""
+    extra_memory: float
+    """Extra device memory at the peak, bytes (beyond inputs and the returned gradients)."""
+    built: bool
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, attr: str) -> float:
+        return sum(s.count * getattr(s, attr) for s in self.steps)
+
+    def seconds(self, dev: Device) -> float:
+        return sum(s.seconds(dev) for s in self.steps)
+
+    def useful_flops(self, shape: Shape) -> float:
+        return (8 + (2 if self.recomputes_policy else 0)) * shape.nhv
+
+
+def gemm_l2(m: float, n: float, k: float, b: int, tile: int = 256) -> float:
+    """L2 -> SM operand bytes of an (m x k) @ (k x n) cuBLAS GEMM: 128 x 256 CTA tiles paired in
+    2-CTA clusters with TMA multicast behave like 256 x 256 tiles (an assumption)."""
+    return b * k * m * n * (2.0 / tile)
+
+
+def gemm(name: str, rows: int, s: Shape, *, count: int = 1, rate: str = "bf16", op_bytes: int | None = None,
+         extra_hbm: float = 0.0, vh_operand: bool = True) -> Step:
+    """A (rows x H) x (H x V)-sized GEMM (any of the three orientations): 2 rows H V FLOPs, the
+    rows x H operand (or output) once, the V x H operand (or output) once when `vh_operand`, plus
+    `extra_hbm` (the rows x V operand or output, an accumulator)."""
+    ob = op_bytes or s.b
+    return Step(name, count, flops=2.0 * rows * s.H * s.V, rate=rate,
+                hbm=ob * ((s.V * s.H if vh_operand else 0) + rows * s.H) + extra_hbm, l2=gemm_l2(rows, s.V, s.H, ob))
+
+
+def chunks(N: int, C: int) -> list[tuple[int, int]]:
+    """[(rows, count)]: the full chunks and the tail."""
+    out = [(C, N // C)] if N >= C else []
+    if N % C:
+        out.append((N % C, 1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the paths
+
+
+def floor(s: Shape) -> Path:
+    """The four GEMMs no implementation avoids, as `torch.mm` runs them (bf16 in and out)."""
+    nv = s.N * s.V * s.b
+    steps = [gemm("policy logits", s.N, s, extra_hbm=nv), gemm("reference logits", s.N, s, extra_hbm=nv),
+             gemm("d_hidden = dlogits @ W", s.N, s, extra_hbm=nv),
+             gemm("d_weight = dlogits^T @ X", s.N, s, extra_hbm=nv)]
+    return Path("floor", "four-GEMM floor (`torch.mm`, bf16)", steps, False, 0.0, True)
+
+
+# The materializing baseline's elementwise passes over N x V, bytes per element (reads +
+# writes), as `bench/tools/gpu_timing.py` runs it: bf16 GEMMs for the logits (what trainers do),
+# then `token_stats_from_logits` (vimpo_kernels/logprobs/reference.py) in fp32 -- the policy
+# with autograd, then under no_grad the policy again, the reference and the KL (the authors'
+# recipe, as bench/contenders/materialize.py) -- then autograd's backward. Per softmax:
+# .to(fp32) 2+4 (absent when the GEMM already wrote fp32), / temperature 4+4, log_softmax 3 reads
+# + 1 write (a 608 KB fp32 row does not fit shared memory), logsumexp = amax 4 + (x - max) 4+4 +
+# exp_ 4+4 + sum 4.
+SOFTMAX_BYTES = 8 + 16 + 24
+MATERIALIZE_PASSES = (
+    ("policy softmax (autograd)", SOFTMAX_BYTES),
+    ("policy softmax again (no_grad)", SOFTMAX_BYTES),
+    ("reference softmax (no_grad)", SOFTMAX_BYTES),
+    ("KL terms: exp 4+4, logp - logq 8+4, p * diff 8+4, sum 4", 36),
+    # gather backward (zero fill) 4, log_softmax backward 3 reads + 1 write, / temperature 4+4
+    ("backward to dlogits", 4 + 16 + 8),
+)
+
+
+def materialize(s: Shape, gemm_dtype: str = "bf16") -> Path:
+    """`gemm_dtype` "bf16": bf16 GEMMs writing bf16 logits, upcast by the softmax; "fp32" / "tf32":
+    hidden and weights upcast first (bench/contenders/materialize.py), fp32 GEMMs (TF32 under
+    allow_tf32)."""
+    nv = s.N * s.V
+    low = gemm_dtype == "bf16"
+    ob = s.b if low else 4
+    steps = [gemm(name, s.N, s, rate=gemm_dtype, op_bytes=ob, extra_hbm=nv * ob)
+             for name in ("policy logits", "reference logits", "d_hidden = dlogits @ W", "d_weight = dlogits^T @ X")]
+    if not low:
+        steps.append(Step("upcast both weights to fp32", count=2, hbm=s.V * s.H * (s.b + 4)))
+    for name, per in MATERIALIZE_PASSES:
+        # bf16 logits: three softmaxes start with a .to(fp32) pass, the backward ends with a cast
+        # back to bf16 for the GEMMs
+        per += (6 if "softmax" in name else 6 if "backward" in name else 0) if low else 0
+        steps.append(Step(name, hbm=per * nv, l2=per * nv, ew_flops=4 * nv, exps=nv))
+    # Live at the peak (the no_grad block), bytes per N x V element: the saved policy
+    # log-softmax, both models' logits, the policy and reference log-softmax, p, logp - logq,
+    # p * (logp - logq).
+    peak = (4 + 2 * ob + 4 + 4 + 4 + 4 + 4) * nv
+    if not low:
+        peak += (s.V + s.N) * s.H * 4       # the policy's fp32 operands, saved by autograd for the backward
+    title = ("materializing baseline (bf16 GEMMs, fp32 softmax)" if low else
+             f"materializing baseline, upcast to fp32 ({'TF32' if gemm_dtype == 'tf32' else 'SGEMM'}), as the bench's")
+    return Path("materialize" if low else f"materialize-{gemm_dtype}", title, steps, False, peak, True)
+
+
+def inputs_bytes(s: Shape) -> float:
+    """Inputs and returned gradients of the policy + reference problem: hidden states and heads
+    of both models, d_hidden and d_weight."""
+    return 3 * s.N * s.H * s.b + 3 * s.V * s.H * s.b
+
+
+@dataclass(frozen=True)
+class TritonPlan:
+    fwd_tile: tuple[int, int] = (64, 64)
+    """(BLOCK_N, BLOCK_V) of fwd_partials_kernel (triton_autotune.FWD_CONFIGS[2][0])."""
+    bwd_tile: tuple[int, int] = (64, 128)
+    """(BLOCK_N, BLOCK_V) of bwd_kernel: the largest bf16 backward tile without spills."""
+    recompute_reference: bool = True
+    """As written: g_kl arrives zero-filled (no set_materialize_grads(False)), so HAS_G_KL is on
+    and every backward tile recomputes the reference logits."""
+    l2_resident: bool = False
+    """A launch order that keeps the forward's hidden rows and the backward's d_hidden partials
+    L2-resident (not built)."""
+    resident_per_sm: int = 1
+    """Programs per SM: 168-218 registers x 256 threads (triton_aot) leave room for one."""
+
+
+def triton(s: Shape, dev: Device, plan: TritonPlan = TritonPlan(), key: str = "triton",
+           title: str = "Triton, as written", built: bool = True) -> Path:
+    """vimpo_kernels/logprobs/triton_kernels.py: fwd_partials_kernel + merge, then bwd_kernel
+    (recompute, atomics into fp32 d_hidden / d_weight)."""
+    N, H, V, b = s.N, s.H, s.V, s.b
+    nv = float(N) * V
+    resident = dev.sms * plan.resident_per_sm
+    usable_l2 = dev.l2_bytes * dev.l2_usable
+    notes = []
+
+    # Forward. A program owns BLOCK_N rows and walks its vocabulary split tile by tile; for every
+    # tile it streams its rows of X (policy and reference) and the tile's W rows over all of H.
+    bn, bv = plan.fwd_tile
+    row_tiles = math.ceil(N / bn)
+    # triton_function.vocab_split: 2 programs per SM wanted, split granule 128 entries.
+    splits = max(1, min(math.ceil(V / 128), (2 * dev.sms) // math.ceil(N / 64)))
+    x_stream = 2 * b * H * nv / bv          # X rows re-streamed once per vocabulary tile, both models
+    w_stream = 2 * b * H * nv / bn          # W tiles, once per row tile, both models
+    x_working_set = resident * bn * H * b * 2
+    x_from_hbm = not plan.l2_resident and x_working_set > usable_l2
+    # W: the resident programs walk the same vocabulary tiles together, so W comes from HBM once
+    # per wave of row tiles over a split.
+    w_hbm = 2 * V * H * b * max(1, math.ceil(row_tiles / resident))
+    fwd = Step(f"forward, {bn} x {bv} tiles, {splits} vocab split(s)", flops=4.0 * s.nhv,
+               hbm=(x_stream if x_from_hbm else 2 * N * H * b) + w_hbm + 8 * 4 * N * splits,
+               l2=x_stream + w_stream, ew_flops=25 * nv, exps=2 * nv, ew_overlaps=False)
+    if x_from_hbm:
+        notes.append(f"forward: the {resident} resident programs hold {x_working_set / 1e6:.0f} MB of hidden rows "
+                     f"(> {usable_l2 / 1e6:.0f} MB usable L2), so every vocabulary tile re-reads them from HBM")
+
+    # Backward: one program per (row tile, vocabulary tile); recompute the logit tile(s), then
+    # per H chunk reload W and X tiles, dot, and atomically add fp32 partials of d_hidden and
+    # d_weight.
+    bn, bv = plan.bwd_tile
+    programs = math.ceil(N / bn) * math.ceil(V / bv)
+    models = 2 if plan.recompute_reference else 1
+    per_model_tile = (bn + bv) * H * b
+    operand_l2 = programs * per_model_tile * (models + 1)
+    atomics = programs * (bn + bv) * H * 4
+    # The grid's first axis (row tiles) varies fastest: the resident programs share a vocabulary
+    # tile and cover up to `resident` row tiles, so d_hidden (N x H fp32) is revisited once per
+    # vocabulary tile; when it does not fit in L2 every visit is an HBM read + write.
+    dx_bytes = N * H * 4
+    dx_rmw = (not plan.l2_resident) and dx_bytes > usable_l2
+    x_reread = (not plan.l2_resident) and resident * bn * H * b * (models + 1) > usable_l2
+    bwd_hbm = ((2 * dx_bytes * math.ceil(V / bv)) if dx_rmw else 2 * dx_bytes) \
+        + ((N * H * b * math.ceil(V / bv) * (models + 1)) if x_reread else N * H * b * models) \
+        + V * H * b * (models + 1) + 2 * V * H * 4
+    bwd = Step(f"backward, {bn} x {bv} tiles" + (" (+ reference recompute)" if plan.recompute_reference else ""),
+               flops=2.0 * s.nhv * (models + 2), hbm=bwd_hbm, l2=operand_l2, atomics=atomics,
+               ew_flops=20 * nv, exps=nv, ew_overlaps=False)
+    if dx_rmw:
+        notes.append(f"backward: d_hidden ({dx_bytes / 1e6:.0f} MB fp32) is read and written from HBM once per "
+                     f"vocabulary tile ({math.ceil(V / bv)} tiles): {2 * dx_bytes * math.ceil(V / bv) / GB:.0f} GB")
+    setup = Step("zero + cast the fp32 accumulators", hbm=(N + V) * H * (4 + 4 + b))
+    extra = (N + V) * H * (4 + b)
+    return Path(key, title, [fwd, bwd, setup], True, extra, built, notes)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    rows: int
+    gemm: str = "fp32"
+    """"fp32": operands upcast, SGEMM on CUDA cores; "tf32": the same with torch's allow_tf32 on;
+    "bf16": bf16 operands, fp32 output (`torch.mm(..., out_dtype=torch.float32)`)."""
+    weight_copies: bool = True
+    """Upcast copies of each weight per call (as written)."""
+    dlogits_bytes: int = 4
+    """The logit gradient written by the backward row pass (and read by two GEMMs)."""
+    fused_exp: bool = False
+    """Row passes with one exp per logit (as written: the CUDA online merge takes two)."""
+
+
+def cuda_budget_rows(V: int, budget: int = 256 << 20, elem: int = 4) -> int:
+    """csrc/logprobs_chunked.cpp chunk_rows() on CUDA: a 256 MiB fp32 logits buffer."""
+    return max(16, budget // (V * elem))
+
+
+def chunk_loop(s: Shape, plan: ChunkPlan, key: str, title: str, built: bool) -> Path:
+    """The compiled chunk loop (csrc/logprobs_chunked.cpp + csrc/cuda/logprobs_cuda.cu): per chunk
+    of rows, the logits by a GEMM into a reused buffer, a row pass, and in backward the recompute,
+    the row pass writing dlogits in place, d_hidden rows and the fp32 d_weight accumulation."""
+    N, H, V, b = s.N, s.H, s.V, s.b
+    ob = b if plan.gemm == "bf16" else 4          # GEMM operand bytes
+    rate = plan.gemm
+    exp_fwd = 2 if plan.fused_exp else 4          # per (row, vocab) pair, policy + reference
+    steps = []
+    if plan.weight_copies:
+        # Head(): weight.to(fp32) for the policy and the reference (forward), the policy again
+        # (backward).
+        steps.append(Step("fp32 copies of the weights (3 per call)", count=3, hbm=V * H * (b + 4)))
+    steps.append(Step("d_weight fp32: zero, final cast", hbm=V * H * (4 + 4 + b)))
+    for n, count in chunks(N, plan.rows):
+        logits = n * V * 4
+        dl = n * V * plan.dlogits_bytes
+        steps += [
+            gemm(f"forward logits GEMMs ({n} rows)", n, s, count=2 * count, rate=rate, op_bytes=ob, extra_hbm=logits),
+            Step(f"forward row pass ({n} rows)", count, hbm=2 * logits, l2=2 * logits,
+                 ew_flops=30 * n * V, exps=exp_fwd * n * V),
+            gemm(f"backward recompute GEMM ({n} rows)", n, s, count=count, rate=rate, op_bytes=ob, extra_hbm=logits),
+            Step(f"backward row pass ({n} rows)", count, hbm=logits + dl, l2=logits + dl, ew_flops=15 * n * V,
+                 exps=n * V),
+            gemm(f"d_hidden GEMM ({n} rows)", n, s, count=count, rate=rate, op_bytes=ob, extra_hbm=dl),
+            # addmm into the fp32 accumulator: V x H fp32 read and written per chunk
+            gemm(f"d_weight addmm ({n} rows)", n, s, count=count, rate=rate, op_bytes=ob, extra_hbm=dl + 8 * V * H,
+                 vh_operand=False),
+        ]
+    C = min(plan.rows, N)
+    copies = V * H * 4 if plan.weight_copies else 0
+    fwd = 2 * C * V * 4 + 2 * copies                      # two logits buffers, both weights upcast
+    bwd = C * V * 4 + (C * V * plan.dlogits_bytes if plan.dlogits_bytes != 4 else 0) + copies \
+        + V * H * 4 + N * H * 4                           # + fp32 d_weight and d_hidden
+    return Path(key, title, steps, True, max(fwd, bwd), built)
+
+
+def paths(s: Shape, dev: Device) -> list[Path]:
+    """The main table's paths."""
+    cuda_rows = cuda_budget_rows(s.V)
+    return [
+        floor(s),
+        triton(s, dev),
+        chunk_loop(s, ChunkPlan(cuda_rows), "cuda", f"CUDA chunk loop, as written (fp32 SGEMM, {cuda_rows}-row chunks)",
+                   True),
+        materialize(s),
+        chunk_loop(s, DESIGN, "design", f"the design: bf16 cuBLAS, fp32 out, {DESIGN.rows}-row chunks (not built)",
+                   False),
+    ]
+
+
+DESIGN = ChunkPlan(rows=2048, gemm="bf16", weight_copies=False, dlogits_bytes=2, fused_exp=True)
+
+
+def ladders(s: Shape, dev: Device) -> dict[str, list[Path]]:
+    """What each fix buys, cumulatively."""
+    rows = cuda_budget_rows(s.V)
+    cuda = [
+        chunk_loop(s, ChunkPlan(rows), "cuda", f"as written: fp32 SGEMM, {rows}-row chunks", True),
+        chunk_loop(s, ChunkPlan(rows, gemm="tf32"), "cuda-tf32",
+                   "the same under `allow_tf32=True` (a global flag, not a fix: results change)", True),
+        chunk_loop(s, ChunkPlan(rows, gemm="bf16", weight_copies=False, dlogits_bytes=2), "cuda-bf16",
+                   f"bf16 operands, fp32 GEMM output, bf16 dlogits, {rows}-row chunks", False),
+        chunk_loop(s, DESIGN, "design", f"+ {DESIGN.rows}-row chunks, one exp per logit: the design", False),
+    ]
+    tri = [
+        triton(s, dev),
+        triton(s, dev, TritonPlan(recompute_reference=False), "triton-nomat", "+ set_materialize_grads(False)", False),
+        triton(s, dev, TritonPlan(recompute_reference=False, l2_resident=True), "triton-l2",
+               "+ launch order keeping hidden rows and d_hidden L2-resident", False),
+        triton(s, dev, TritonPlan((128, 128), (128, 128), recompute_reference=False, l2_resident=True), "triton-128",
+               "+ 128 x 128 tiles everywhere (spill today; needs warp specialization)", False),
+    ]
+    mat = [materialize(s), materialize(s, "fp32"), materialize(s, "tf32")]
+    return {"cuda": cuda, "triton": tri, "materialize": mat}
+
+
+def predicted_ms(key: str, N: int, H: int, V: int, device: str = "H100 SXM") -> float | None:
+    """Modeled milliseconds of a main-table path ("floor", "triton", "cuda", "materialize",
+    "design") at (N, H, V), bf16; None for an unknown key or device."""
+    dev = DEVICES.get(device)
+    if dev is None:
+        return None
+    for p in paths(Shape(N, H, V), dev):
+        if p.key == key:
+            return 1e3 * p.seconds(dev)
+    return None
+
+
+def dweight_breakeven_rows(s: Shape, dev: Device) -> float:
+    """Chunk rows above which the d_weight addmm (bf16 operands, fp32 accumulator read and
+    written per chunk) is MMA-bound rather than HBM-bound."""
+    per_row_mma = 2 * s.H * s.V / (dev.bf16 * dev.gemm_eff)
+    per_row_hbm = (s.V * s.b + s.H * s.b) / dev.hbm
+    return 8 * s.V * s.H / dev.hbm / (per_row_mma - per_row_hbm)
+
+
+# ----------------------------------------------------------------------------------------------
+# the issue's reading (issue 13), kept as data so the comparison table is printed too
+
+ISSUE_N16384 = {  # path key: (estimate seconds, fraction of peak as the issue states it, with 8 N H V)
+    "floor": (0.082, None),
+    "triton": (0.65, 0.13),
+    "cuda": (1.9, None),
+    "materialize": (0.26, None),
+    "design": (0.17, 0.48),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def _f(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def main_table(shapes: list[Shape], dev: Device) -> str:
+    rows = ["| N | path | built | HBM GB | L2 GB | L2 atomics GB | extra memory GB | modeled ms | x floor | "
+            "fraction of bf16 peak |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in shapes:
+        ps = paths(s, dev)
+        t_floor = ps[0].seconds(dev)
+        for p in ps:
+            t = p.seconds(dev)
+            frac = p.useful_flops(s) / (t * dev.bf16)
+            rows.append(f"| {s.N} | {p.title} | {'yes' if p.built else 'no'} | {_f(p.total('hbm') / GB)} | "
+                        f"{_f(p.total('l2') / GB)} | {_f(p.total('atomics') / GB)} | "
+                        f"{'—' if p.key == 'floor' else _f(p.extra_memory / GB)} | {_f(1e3 * t)} | "
+                        f"{t / t_floor:.2f}x | {100 * frac:.1f} % |")
+    return "\n".join(rows)
+
+
+def steps_table(s: Shape, dev: Device) -> str:
+    rows = ["| path | step | count | MMA ms | HBM GB | HBM ms | L2 GB | atomics GB | L2 ms | elementwise ms | "
+            "step ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in paths(s, dev):
+        for st in p.steps:
+            rate = {"bf16": dev.bf16, "tf32": dev.tf32, "fp32": dev.fp32}[st.rate]
+            c = st.count
+            rows.append(f"| {p.key} | {st.name} | {c} | {_f(1e3 * c * st.flops / (rate * dev.gemm_eff))} | "
+                        f"{_f(c * st.hbm / GB)} | {_f(1e3 * c * st.hbm / dev.hbm)} | {_f(c * st.l2 / GB)} | "
+                        f"{_f(c * st.atomics / GB)} | "
+                        f"{_f(1e3 * c * (st.l2 / dev.l2_bw + st.atomics / dev.l2_atomic))} | "
+                        f"{_f(1e3 * c * (st.ew_flops / dev.fp32 + st.exps / dev.exp_rate))} | "
+                        f"{_f(1e3 * st.seconds(dev))} |")
+    return "\n".join(rows)
+
+
+def ladder_table(shapes: list[Shape], dev: Device) -> str:
+    rows = ["| path | step | N | modeled ms | x floor | fraction of bf16 peak |", "|---|---|---|---|---|---|"]
+    for family in ("cuda", "triton", "materialize"):
+        for s in shapes:
+            t_floor = floor(s).seconds(dev)
+            for p in ladders(s, dev)[family]:
+                t = p.seconds(dev)
+                rows.append(f"| {family} | {p.title} | {s.N} | {_f(1e3 * t)} | {t / t_floor:.2f}x | "
+                            f"{100 * p.useful_flops(s) / (t * dev.bf16):.1f} % |")
+    return "\n".join(rows)
+
+
+def issue_table(dev: Device) -> str:
+    s = Shape(16384)
+    rows = ["| path | issue's estimate | its fraction as stated | the same time, target definition | this model | "
+            "fraction, 8 N H V | fraction, target definition |", "|---|---|---|---|---|---|---|"]
+    by_key = {p.key: p for p in paths(s, dev)}
+    for key, (est, frac) in ISSUE_N16384.items():
+        p = by_key[key]
+        t = p.seconds(dev) if key != "floor" else 8 * s.nhv / dev.bf16
+        label = "four GEMMs at 100 % of peak" if key == "floor" else p.title
+        rows.append(f"| {label} | {1e3 * est:,.0f} ms | {'—' if frac is None else f'{100 * frac:.0f} %'} | "
+                    f"{'—' if key == 'floor' else f'{100 * p.useful_flops(s) / (est * dev.bf16):.0f} %'} | "
+                    f"{1e3 * t:,.1f} ms | {100 * 8 * s.nhv / (t * dev.bf16):.1f} % | "
+                    f"{100 * p.useful_flops(s) / (t * dev.bf16):.1f} % |")
+    return "\n".join(rows)
+
+
+def facts(shapes: list[Shape], dev: Device) -> str:
+    """The single figures the prose of docs/roofline.md quotes (sums and terms of the tables)."""
+    out = []
+    for s in shapes:
+        tri, mat, des = triton(s, dev), materialize(s), chunk_loop(s, DESIGN, "design", "", False)
+        rows = cuda_budget_rows(s.V)
+        mat_ew = [st for st in mat.steps if st.flops == 0]
+        out.append(f"- N={s.N}: floor at 100 % of peak {1e3 * 8 * s.nhv / dev.bf16:.1f} ms, at "
+                   f"{100 * dev.gemm_eff:.0f} % {1e3 * floor(s).seconds(dev):.1f} ms; useful FLOPs "
+                   f"{10 * s.nhv / 1e12:.1f} TFLOP (10 N H V)")
+        out.append(f"  - Triton: forward hidden-row re-reads {2 * s.b * s.H * s.N * s.V / 64 / GB:.0f} GB; backward "
+                   f"atomics {tri.total('atomics') / GB:.0f} GB; " + "; ".join(tri.notes))
+        ew_bytes = sum(st.hbm for st in mat_ew)
+        upcast = materialize(s, "fp32").extra_memory + inputs_bytes(s)
+        out.append(f"  - materializing: elementwise passes {ew_bytes / (s.N * s.V):.0f} B per logit, "
+                   f"{sum(st.hbm for st in mat_ew) / GB:.0f} GB, {1e3 * sum(st.seconds(dev) for st in mat_ew):.0f} ms; "
+                   f"peak {mat.extra_memory / GB:.1f} GB + inputs and gradients {inputs_bytes(s) / GB:.1f} GB = "
+                   f"{(mat.extra_memory + inputs_bytes(s)) / 2**30:.1f} GiB (an H100 80GB has {dev.memory / 2**30:.1f} "
+                   f"GiB; fp32 upcast as the bench's: {upcast / 2**30:.1f} GiB)")
+        out.append(f"  - CUDA as written: {rows}-row chunks = {math.ceil(s.N / rows)} chunks, the fp32 d_weight "
+                   f"accumulator read + written {8 * s.V * s.H / GB:.2f} GB per chunk")
+        gemm_ms = sum(st.seconds(dev) for st in des.steps if st.flops)
+        rows_ms = sum(st.seconds(dev) for st in des.steps if "row pass" in st.name)
+        out.append(f"  - the design: GEMMs {1e3 * gemm_ms:.1f} ms, row passes {1e3 * rows_ms:.1f} ms, of "
+                   f"{1e3 * des.seconds(dev):.1f} ms")
+    s = shapes[-1]
+    out.append(f"- N={s.N}: d_weight addmm is MMA-bound above {dweight_breakeven_rows(s, dev):.0f} rows per chunk "
+               f"(bf16 operands, fp32 accumulator)")
+    sens = []
+    for eff in (0.5, 0.6, 0.7, 0.8, 0.9):
+        d = replace(dev, gemm_eff=eff)
+        p = chunk_loop(s, DESIGN, "design", "", False)
+        t = p.seconds(d)
+        sens.append(f"{100 * eff:.0f} % -> {1e3 * t:.0f} ms = {100 * p.useful_flops(s) / (t * d.bf16):.0f} %")
+    out.append(f"- N={s.N}: the design against the GEMM-efficiency assumption: " + "; ".join(sens))
+    for label, plan in (("as written", TritonPlan()),
+                        ("with both fixes", TritonPlan(recompute_reference=False, l2_resident=True))):
+        fwd, bwd = triton(s, dev, plan).steps[:2]
+        out.append(f"- N={s.N}: Triton {label}, forward: HBM {fwd.hbm / GB:.0f} GB = {1e3 * fwd.hbm / dev.hbm:.0f} ms, "
+                   f"L2 {fwd.l2 / GB:.0f} GB = {1e3 * fwd.l2 / dev.l2_bw:.0f} ms, MMA "
+                   f"{1e3 * fwd.flops / (dev.bf16 * dev.gemm_eff):.0f} ms; backward: atomics "
+                   f"{bwd.atomics / GB:.0f} GB = "
+                   f"{1e3 * bwd.atomics / dev.l2_atomic:.0f} ms, L2 operands {bwd.l2 / GB:.0f} GB = "
+                   f"{1e3 * bwd.l2 / dev.l2_bw:.0f} ms, HBM {bwd.hbm / GB:.0f} GB = {1e3 * bwd.hbm / dev.hbm:.0f} ms, "
+                   f"MMA {1e3 * bwd.flops / (dev.bf16 * dev.gemm_eff):.0f} ms")
+    return "\n".join(out)
+
+
+def assumptions_table(dev: Device) -> str:
+    rows = ["| figure | value | source |", "|---|---|---|"]
+    for name, value, source in (
+            ("dense bf16 tensor peak", f"{dev.bf16 / 1e12:.1f} TFLOP/s", "datasheet"),
+            ("dense TF32 tensor peak", f"{dev.tf32 / 1e12:.1f} TFLOP/s", "datasheet"),
+            ("fp32 FMA peak (CUDA cores)", f"{dev.fp32 / 1e12:.1f} TFLOP/s", "datasheet"),
+            ("HBM bandwidth", f"{dev.hbm / 1e12:.2f} TB/s", "datasheet"),
+            ("L2 capacity", f"{dev.l2_bytes / 1e6:.0f} MB", "datasheet"),
+            ("L2 share a working set can hold", f"{100 * dev.l2_usable:.0f} %", "assumption"),
+            ("L2 -> SM bandwidth", f"{dev.l2_bw / 1e12:.1f} TB/s", "assumption"),
+            ("L2 fp32 reduction throughput", f"{dev.l2_atomic / 1e12:.1f} TB/s", "assumption"),
+            ("exp throughput (SFU)", f"{dev.exp_rate / 1e12:.2f} T/s", "datasheet clocks x 16/SM/clk"),
+            ("sustained share of peak of a large cuBLAS GEMM", f"{100 * dev.gemm_eff:.0f} %", "assumption"),
+            ("cuBLAS L2 traffic", "as 256 x 256 tiles (128 x 256, 2-CTA multicast)", "assumption")):
+        rows.append(f"| {name} | {value} | {source} |")
+    return "\n".join(rows)
+
+
+SECTIONS = ("assumptions", "main", "steps", "ladder", "issue", "facts")
+
+
+def render(section: str, dev: Device = H100_SXM, ns: tuple[int, ...] = (4096, 16384), H: int = 4096,
+           V: int = 151936) -> str:
+    shapes = [Shape(n, H, V) for n in ns]
+    return {"assumptions": lambda: assumptions_table(dev), "main": lambda: main_table(shapes, dev),
+            "steps": lambda: steps_table(shapes[-1], dev), "ladder": lambda: ladder_table(shapes, dev),
+            "issue": lambda: issue_table(dev), "facts": lambda: facts(shapes, dev)}[section]()
+
+
+def update_doc(path: str, dev: Device = H100_SXM) -> bool:
+    """Rewrite every `<!-- roofline:<section> -->` block of `path` with the current output;
+    True when something changed."""
+    import re
+    with open(path) as f:
+        text = f.read()
+    new = text
+    for section in SECTIONS:
+        new = re.sub(rf"(<!-- roofline:{section} -->\n)(?:.*?\n)?(<!-- /roofline:{section} -->)",
+                     lambda m: m.group(1) + render(section, dev) + "\n" + m.group(2), new, flags=re.S)
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--h", type=int, default=4096)
+    ap.add_argument("--v", type=int, default=151936)
+    ap.add_argument("--device", default="H100 SXM", choices=sorted(DEVICES))
+    ap.add_argument("--section", choices=SECTIONS, help="one table only (default: all, in the doc's order)")
+    ap.add_argument("--update-doc", metavar="PATH", help="rewrite the generated blocks of PATH (docs/roofline.md)")
+    a = ap.parse_args(argv)
+    if a.update_doc:
+        print("updated" if update_doc(a.update_doc, DEVICES[a.device]) else "up to date", a.update_doc)
+        return 0
+    for section in [a.section] if a.section else SECTIONS:
+        print(f"<!-- roofline:{section} -->")
+        print(render(section, DEVICES[a.device], tuple(a.n), a.h, a.v))
+        print(f"<!-- /roofline:{section} -->\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
