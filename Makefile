@@ -59,3 +59,13 @@ ci: test test-slow
 
 clean:
 	rm -rf build *.egg-info vimpo_kernels/_C*.so
+
+# One GPU, a ten-minute verdict: build for the local arch, versions, selftest, compute-sanitizer,
+# the gpu test tier, timings against the peers; report in bench/results/gpu/ (latest.md committed).
+# gpu-check-dry runs the same script on CPU (stand-ins, tiny shapes) into bench/results/gpu-dry/.
+.PHONY: gpu-check gpu-check-dry
+gpu-check: setup
+	$(PY) bench/tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry: setup
+	$(PY) bench/tools/gpu_check.py --dry $(GPU_CHECK_ARGS)

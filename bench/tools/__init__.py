@@ -2,8 +2,12 @@
 
   triton_aot.py          compile every Triton kernel and autotune config for sm_80/sm_90 ahead
                          of time (no GPU) and check registers, spills and shared memory
-  roofline_logprobs.py   the analytic roofline of the Triton token-statistics kernels
-                         (docs/roofline.md prints from it)
+  roofline.py            the cost model of every GPU path of the loss (docs/roofline.md prints
+                         from it; gpu_check puts it beside the measurements)
+  roofline_logprobs.py   the tile-level model of the Triton token-statistics kernels alone
+  gpu_check.py           make gpu-check / gpu-check-dry: the ten-minute verdict on one GPU, and
+                         the same script on CPU; gpu_timing.py (its timing stage) and
+                         gpu_tiny_cases.py (its compute-sanitizer target) run under it
   memory_logprobs.py     peak extra memory of the Triton kernels (interpreter) against the
                          materializing reference, plus the analytic GPU figure
   cpu_backend_check.py   a quick check of the compiled CPU backend at the acceptance shape
