@@ -313,6 +313,65 @@ def plot_study(rows: list[dict], path: Path) -> Path:
     return path
 
 
+TRACE_PANELS = (("reward_mean", "train reward"), ("kl_mean", "KL to reference (nats/token)"),
+                ("value_fit", "value fit 1 - sum e^2 / sum target^2"), ("adv_raw_rms", "advantage RMS before whitening"),
+                ("response_length", "response length (tokens)"), ("actor_coeff", "actor coefficient c_A"))
+
+
+def plot_traces(runs: dict[str, Path], path: Path, title: str = "") -> Path:
+    """Per-step diagnostics of a few runs side by side (docs/study.md's collapse analysis):
+    `runs` maps a label to a metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    for label, metrics in runs.items():
+        train = [r for r in read_metrics(metrics) if r.get("kind") == "train"]
+        for ax, (key, name) in zip(axes.flat, TRACE_PANELS):
+            pts = [(r["step"], r[key]) for r in train if r.get(key) is not None and r[key] == r[key]]
+            if pts:
+                ax.plot(*zip(*pts), label=label, lw=1.3)
+            ax.set_title(name, fontsize=9)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("RL step", fontsize=8)
+    for ax in (axes[0][1], axes[1][0], axes[1][2]):
+        ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def trace_table(runs: dict[str, Path]) -> str:
+    """Markdown: one line per run of the collapse analysis, every number from its metrics.jsonl."""
+    lines = ["| run | beta | c_A (mean) | held-out accuracy start -> end | max KL/token | value fit (mean) | "
+             "advantage RMS before -> after whitening | response length start -> end | monitor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, metrics in runs.items():
+        rows = read_metrics(metrics)
+        train = [r for r in rows if r.get("kind") == "train"]
+        evals = [r for r in rows if r.get("kind") == "eval"]
+        fit = _mean([r.get("value_fit") for r in train[1:]])
+        raw = _mean([r.get("adv_raw_rms") for r in train[1:]])
+        std = _mean([r.get("adv_std") for r in train[1:]])
+        beta = train[-1].get("beta")
+        warn = next((w.split(": ")[0] + ": " + w.split(": ")[1].split(" ")[0] for r in train for w in r.get("warnings", [])
+                     if "COLLAPSE" in w), "no warning" if not any(r.get("warnings") for r in train) else "warned")
+        lines.append(
+            f"| {label} | {beta:.3g} | {_mean([r.get('actor_coeff') for r in train[1:]]):.2g} | "
+            f"{evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f} | "
+            f"{max(r.get('kl_mean', 0.0) for r in train):.2f} | {fit:.3f} | {raw:.1e} -> {std:.2f} | "
+            f"{train[0]['response_length']:.1f} -> {train[-1]['response_length']:.1f} | {warn} |"
+            if beta is not None and fit is not None else f"| {label} | (no VIMPO diagnostics) |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
