@@ -9,6 +9,7 @@ backends:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -85,6 +86,23 @@ def _load_extension():
 def extension():
     """The compiled module `vimpo_kernels._C`, or None."""
     return _load_extension()[0]
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul(like: torch.Tensor):
+    """The compiled ops set their own GEMM precision: fp32 inputs on a GPU get IEEE fp32 GEMMs
+    even when the trainer enabled TF32 (`torch.backends.cuda.matmul.allow_tf32`), which would
+    otherwise put ~1e-3 relative error into every logit. (bf16/fp16 GEMMs are unaffected;
+    CPU GEMMs never use TF32.)"""
+    if not (like.is_cuda and like.dtype == torch.float32):
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def require_extension():

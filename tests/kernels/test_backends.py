@@ -95,3 +95,30 @@ def test_selftest_cli_exit_codes(monkeypatch, capsys):
     monkeypatch.setattr("vimpo_kernels.selftest", lambda device, dtype: {"cpu": "FAIL: vimpo/fp32: boom"})
     assert cli.main(["selftest"]) == 1
     assert "1 failed ['cpu']" in capsys.readouterr().out
+
+
+def test_compiled_ops_set_their_own_fp32_gemm_precision():
+    """A trainer that turned TF32 on must not put ~1e-3 errors into fp32 logits: inside the
+    compiled ops the flag is off for fp32 CUDA inputs, and restored afterwards (also on error)."""
+    trainer_setting = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_tf32_guard()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = trainer_setting
+
+
+def _check_tf32_guard():
+    from types import SimpleNamespace
+
+    fp32_gpu = SimpleNamespace(is_cuda=True, dtype=torch.float32)
+    bf16_gpu = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    with _backends.exact_fp32_matmul(fp32_gpu):
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    with pytest.raises(RuntimeError):
+        with _backends.exact_fp32_matmul(fp32_gpu):
+            raise RuntimeError("a kernel failed")
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    with _backends.exact_fp32_matmul(bf16_gpu):
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # low precision: nothing to protect

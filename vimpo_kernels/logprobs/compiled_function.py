@@ -40,8 +40,9 @@ def _token_stats_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                     params: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """[logp, lse (fp64), ref_logp, ref_lse (fp64), kl, entropy, cand_idx (N, K) int64, logit_grad_norm];
     `params`: `TokenStatsParams.pack()`."""
-    outs = _backends.require_extension().token_stats_forward(
-        hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, params)
+    with _backends.exact_fp32_matmul(hidden):
+        outs = _backends.require_extension().token_stats_forward(
+            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, params)
     logp = outs[0]
     return tuple(x if x is not None else _absent(logp, torch.int64 if k == 6 else None) for k, x in enumerate(outs))
 
@@ -67,9 +68,10 @@ def _token_stats_backward_op(g_logp: Optional[Tensor], g_kl: Optional[Tensor], g
     """[d_hidden, d_weight, d_bias]; empty where not asked (`TokenStatsParams.need_*`)."""
     N = hidden.shape[0]
     opt = lambda x: _given(x, N)  # noqa: E731
-    outs = _backends.require_extension().token_stats_backward(
-        opt(g_logp), opt(g_kl), opt(g_entropy), hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
-        lse, opt(ref_lse), opt(kl), opt(entropy), opt(cand_idx), params)
+    with _backends.exact_fp32_matmul(hidden):
+        outs = _backends.require_extension().token_stats_backward(
+            opt(g_logp), opt(g_kl), opt(g_entropy), hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias,
+            lse, opt(ref_lse), opt(kl), opt(entropy), opt(cand_idx), params)
     return tuple(x if x is not None else _absent(hidden) for x in outs)
 
 

@@ -60,9 +60,10 @@ class _GrpoForwardGrad(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, consts: dict, params: GrpoParams, epilogue, out: dict):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         params = dataclasses.replace(params, need_dh=need_dh, need_dw=need_dw, need_db=need_db)
-        logp, _lse, dlogp, d_hidden, d_weight, d_bias = _backends.require_extension().grpo_forward_grad(
-            hidden, weight, bias, targets, consts["old_logp"], consts["adv"], consts["agg_w"], consts["is_w"],
-            consts["ref_logp"], params.pack())
+        with _backends.exact_fp32_matmul(hidden):
+            logp, _lse, dlogp, d_hidden, d_weight, d_bias = _backends.require_extension().grpo_forward_grad(
+                hidden, weight, bias, targets, consts["old_logp"], consts["adv"], consts["agg_w"], consts["is_w"],
+                consts["ref_logp"], params.pack())
         loss, metrics = epilogue(logp)
         out["metrics"], out["logprobs"], out["dlogp"] = metrics, logp, dlogp
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
