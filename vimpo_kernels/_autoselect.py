@@ -18,12 +18,22 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from . import _env
 
 log = logging.getLogger("vimpo_kernels")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What the planner needs to time a call: its kind (`call_key`) and `seconds(backend)`."""
+
+    key: str
+    seconds: Callable[[str], float]
+
 _memory: dict[str, str] = {}
 
 

@@ -14,11 +14,14 @@ import functools
 import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from . import _env
+
+if TYPE_CHECKING:
+    from ._autoselect import Measure
 
 _ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -194,7 +197,7 @@ def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dt
 def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
          kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False,
          separable: bool = False, forward_kernel: Optional[str] = None,
-         compiled_epilogue: bool = False) -> Route:
+         compiled_epilogue: bool = False, measure: Optional["Measure"] = None) -> Route:
     """Choose the route of one call, from `BACKEND_TABLE` alone.
 
     Args:
@@ -205,19 +208,24 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
             coefficient is `forward_kernel` (`Algorithm.separable` / `.forward_kernel`): a backend
             whose `forward_kernels` has that coefficient forms the gradients inside the forward.
         compiled_epilogue: the loss's sequence epilogue exists in compiled form for this config.
+        measure: how to time one candidate (`_autoselect.Measure`); given on a GPU, "auto" picks
+            among several eligible backends by measurement, once per kind of call.
 
     Rules: an explicit backend that cannot run the call raises `ValueError` saying what it lacks
     (never a silent demotion). "auto" takes the first backend of `AUTO_ORDER[device type]` that
     is available and lacks nothing; landing on the materializing reference on a GPU raises
     unless `VIMPO_ALLOW_MATERIALIZE=1` (then it warns once), and on a CPU without the compiled
-    extension it warns once.
+    extension it warns once. A separable loss prefers a backend whose forward kernels implement
+    its coefficient (one GEMM fewer); among several eligible GPU backends with `measure` given,
+    the measured fastest wins (`_autoselect`).
     """
     device = torch.device(device)
     needs = dict(weight_dtype=weight_dtype, kl=kl, entropy=entropy, logit_grad_norm=logit_grad_norm)
     if backend == "auto":
         backend = _env.DEFAULT_BACKEND
     if backend == "auto":
-        name, why = _choose(device, dtype, needs)
+        prefer = forward_kernel if separable else None
+        name, why = _choose(device, dtype, needs, prefer, measure)
     else:
         _check_explicit(backend, device, dtype, needs)
         name, why = backend, "requested"
@@ -229,19 +237,30 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
     return Route(name, "recompute", "compiled" if use_compiled else "reference", why)
 
 
-def _choose(device: torch.device, dtype, needs) -> tuple[str, str]:
+def _choose(device: torch.device, dtype, needs, prefer_forward: Optional[str] = None,
+            measure: Optional["Measure"] = None) -> tuple[str, str]:
     status = backend_status()
-    skipped = []
+    eligible, skipped = [], []
     for name in AUTO_ORDER.get(device.type, ("torch",)):
         lacks = missing(name, dtype, **needs)
         if not status[name][0] or not runs_on(name, device) or lacks:
             skipped.append(f"{name}: {status[name][1] if not status[name][0] else ', '.join(lacks) or 'device'}")
-            continue
-        why = "auto" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
-        if BACKEND_TABLE[name].materializes_logits:
-            _materialize_guard(device, why)
-        return name, why
-    raise ValueError(f"no backend can compute this call on {device} with {dtype}: {'; '.join(skipped)}")
+        else:
+            eligible.append(name)
+    if not eligible:
+        raise ValueError(f"no backend can compute this call on {device} with {dtype}: {'; '.join(skipped)}")
+    why = "auto" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+    fused = [b for b in eligible if not BACKEND_TABLE[b].materializes_logits]
+    if not fused:
+        _materialize_guard(device, why)
+        return eligible[0], why
+    forward = [b for b in fused if prefer_forward in BACKEND_TABLE[b].forward_kernels]
+    if forward:
+        return forward[0], why + f" (forward-gradient kernels for {prefer_forward})"
+    if measure is not None and len(fused) > 1:
+        from . import _autoselect
+        return _autoselect.choose(measure.key, fused, measure.seconds), why + " (measured)"
+    return fused[0], why
 
 
 def _materialize_guard(device: torch.device, why: str) -> None:

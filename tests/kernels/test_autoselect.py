@@ -64,3 +64,28 @@ def test_an_unwritable_cache_keeps_the_choice_in_memory(tmp_path, monkeypatch, c
         assert _autoselect.choose("k", ["a", "b"], lambda n: {"a": 2.0, "b": 1.0}[n]) == "b"
     assert "could not write" in caplog.text
     assert _autoselect.choose("k", ["a", "b"], lambda n: pytest.fail("measured again")) == "b"
+
+
+def test_the_planner_measures_only_among_fused_gpu_backends(cache_dir, monkeypatch):
+    """On a (simulated) GPU with triton and cuda both able to run the call, `auto` asks the
+    measurement; the materializing reference is never a candidate; a separable loss goes to
+    the backend whose forward kernels implement its coefficient without measuring."""
+    import torch
+    from vimpo_kernels import _backends
+    monkeypatch.setattr(_backends, "backend_status", lambda: {b: (True, "simulated") for b in _backends.BACKENDS})
+    asked = []
+
+    def seconds(name):
+        asked.append(name)
+        return {"triton": 2.0, "cuda": 1.0}[name]
+
+    measure = _autoselect.Measure("sim|bf16|exact", seconds)
+    cuda = torch.device("cuda")
+    assert _backends.plan("auto", cuda, torch.bfloat16, kl="exact", measure=measure).backend == "cuda"
+    assert sorted(asked) == ["cuda", "triton"]
+    route = _backends.plan("auto", cuda, torch.bfloat16, separable=True, forward_kernel="ppo_clip",
+                           measure=_autoselect.Measure("other", lambda n: pytest.fail("measured")))
+    assert route.backend == "cuda" and route.gradients == "forward"
+    # Only one eligible fused backend (fp64: triton lacks it): nothing to measure.
+    assert _backends.plan("auto", cuda, torch.float64, measure=_autoselect.Measure(
+        "fp64", lambda n: pytest.fail("measured"))).backend == "cuda"

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import _backends
+from .. import _autoselect, _backends
 from ..stats import TokenStats
 from ..validate import check_target_range, check_token_stats_inputs
 from .reference import linear_logprobs_reference
@@ -74,14 +74,38 @@ def fused_linear_logprobs(
     if has_ref:
         rh2 = rh2 if rh2 is not None else h2.detach()
         ref_weight = ref_weight if ref_weight is not None else weight.detach()
+    args = (h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature), kl is not None,
+            bool(return_entropy), topk, bool(return_logit_grad_norm))
+    measure = _gpu_measure(args, kl, return_entropy, return_logit_grad_norm) \
+        if backend == "auto" and hidden.is_cuda else None
     name = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
-                          entropy=return_entropy, logit_grad_norm=return_logit_grad_norm).backend
-    stats = _IMPLS[name](h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature),
-                         kl is not None, bool(return_entropy), topk, bool(return_logit_grad_norm))
+                          entropy=return_entropy, logit_grad_norm=return_logit_grad_norm, measure=measure).backend
+    stats = _IMPLS[name](*args)
     if rows is not None:
         n_all = targets.numel()
         stats = stats.map(lambda x: x.new_zeros(n_all).index_put((rows,), x))
     return stats.map(lambda x: x.reshape(lead))
+
+
+def _gpu_measure(args, kl, entropy, grad_norm) -> _autoselect.Measure:
+    """How `auto` times a candidate GPU backend on this very call: forward only, no grad, one
+    warm-up (compilation, autotuning) then one run between CUDA events."""
+    hidden, weight = args[0], args[1]
+    features = [f"kl={kl}"] * (kl is not None) + ["entropy"] * bool(entropy) + ["grad_norm"] * bool(grad_norm)
+    key = _autoselect.call_key(torch.cuda.get_device_name(hidden.device), hidden.dtype, hidden.shape[0],
+                               hidden.shape[1], weight.shape[0], features)
+
+    def seconds(name: str) -> float:
+        with torch.no_grad(), torch.cuda.device(hidden.device):
+            _IMPLS[name](*args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _IMPLS[name](*args)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+    return _autoselect.Measure(key, seconds)
 
 
 def _torch_impl(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,

@@ -97,7 +97,9 @@ def fused_vimpo_loss(
     stats = fused_linear_logprobs(
         hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         temperature=config.temperature, kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
-        return_logit_grad_norm=want_grad_norm, mask=valid, backend=route.backend)
+        return_logit_grad_norm=want_grad_norm, mask=valid,
+        # "auto" again: on a GPU the token statistics' backend is then chosen by measurement.
+        backend="auto" if backend == "auto" else route.backend)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
     if want_grad_norm:
