@@ -51,6 +51,12 @@ class Backend:
     materializes_logits: bool
     """Builds the N x V logits (the reference): fine for tests, ruinous at LLM vocabularies."""
     summary: str
+    deterministic: bool = True
+    """Bitwise-reproducible run to run. False for the Triton kernels, whose backward adds tile
+    partials into d_hidden / d_weight with atomics in arrival order; under
+    `torch.use_deterministic_algorithms(True)` the planner then skips (auto) or refuses
+    (explicit) them. The compiled backends are as deterministic as ATen's GEMMs and their
+    per-row passes (ATen enforces its own rules under the same flag)."""
 
     @property
     def forward_grad(self) -> bool:
@@ -60,7 +66,8 @@ class Backend:
 
 BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), ("exact",), True, False, (),
-            True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden"),
+            True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden",
+            deterministic=False),
     Backend("cuda", ("cuda",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
             "compiled C++/CUDA: chunked GEMMs + CUDA row passes"),
     Backend("cpu", ("cpu",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
@@ -191,6 +198,9 @@ def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dt
         lacks.append("entropy")
     if logit_grad_norm and not spec.logit_grad_norm:
         lacks.append("the logit-gradient norm (adaptive actor coefficient)")
+    if not spec.deterministic and torch.are_deterministic_algorithms_enabled():
+        lacks.append("deterministic algorithms (torch.use_deterministic_algorithms is on; its backward "
+                     "accumulates with atomics)")
     return lacks
 
 

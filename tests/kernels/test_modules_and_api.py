@@ -206,3 +206,16 @@ def test_token_statistics_never_import_the_loss_package():
             if any("vimpo_loss" in n or n == "vimpo" or n.startswith("vimpo.") for n in names):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_deterministic_mode_keeps_atomics_out(gpu_with_triton_only, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the Triton kernels (atomic accumulation)
+    are refused when asked for and skipped by auto."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    with pytest.raises(ValueError, match="deterministic algorithms"):
+        plan("triton", cuda, torch.bfloat16)
+    status = dict(gpu_with_triton_only.backend_status())
+    status["cuda"] = (True, "simulated")
+    monkeypatch.setattr(gpu_with_triton_only, "backend_status", lambda: status)
+    assert plan("auto", cuda, torch.bfloat16, kl="exact").backend == "cuda"
