@@ -199,7 +199,7 @@ class Study:
         rows = [r for r in self.done().values() if r.get("ok")]
         if not rows:
             return
-        (self.out / "summary.md").write_text(summary_table(rows))
+        (self.out / "summary.md").write_text(summary_table(rows) + "\n" + paired_table(rows))
         plot_study(rows, self.out / "accuracy.png")
         print(f"[study] table: {self.out / 'summary.md'}\n[study] plot:  {self.out / 'accuracy.png'}", flush=True)
 
@@ -268,6 +268,28 @@ def summary_table(rows: list[dict]) -> str:
         lines.append(f"| {task} | {noise:g} | {algo} | {len(sel)} | {_spread([r['start_accuracy'] for r in sel])} | "
                      f"{_spread([r['final_accuracy'] for r in sel])} | {_spread([r['best_accuracy'] for r in sel])} | "
                      f"{_spread([r['auc'] for r in sel])} | {sum(r['collapsed'] for r in sel)}/{len(sel)} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict], a: str = "vimpo", others: tuple = ("grpo", "dr_grpo", "dapo")) -> str:
+    """Markdown: `a` minus each other algorithm, paired by task, noise and seed (the same warm
+    start), in final accuracy and in AUC; mean [min-max] over seeds, and wins/ties/losses
+    (|difference| <= 0.02 is a tie)."""
+    index = {(r["task"], r["noise"], r["seed"], r["algorithm"]): r for r in rows}
+    lines = [f"| task | noise | {a} minus | seeds | final accuracy | AUC | final: wins / ties / losses |",
+             "|---|---|---|---|---|---|---|"]
+    for task, noise in sorted({(r["task"], r["noise"]) for r in rows}):
+        for b in others:
+            pairs = [(index[k[:3] + (a,)], r) for k, r in index.items()
+                     if k[0] == task and k[1] == noise and k[3] == b and k[:3] + (a,) in index]
+            if not pairs:
+                continue
+            d_final = [x["final_accuracy"] - y["final_accuracy"] for x, y in pairs]
+            d_auc = [x["auc"] - y["auc"] for x, y in pairs]
+            w = sum(round(d, 9) > 0.02 for d in d_final)
+            lo = sum(round(d, 9) < -0.02 for d in d_final)
+            lines.append(f"| {task} | {noise:g} | {b} | {len(pairs)} | {_spread(d_final)} | {_spread(d_auc)} | "
+                         f"{w} / {len(pairs) - w - lo} / {lo} |")
     return "\n".join(lines) + "\n"
 
 
