@@ -92,3 +92,21 @@ def test_flash_attention_without_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="flash_attention_2 needs a CUDA GPU; use sdpa"):
         check_attention("flash_attention_2")
     check_attention("sdpa")
+
+
+def test_recipes():
+    """The embedded default sets no coefficient by hand; `paper` is VIMPOConfig() verbatim."""
+    from vimpo_kernels import VIMPOConfig
+
+    cfg = load_config(None, [])
+    assert cfg.algorithm.recipe == "default" and cfg.algorithm.loss == {} and cfg.length_scaled_beta
+    default = cfg.loss_config(beta=0.25)
+    assert default.beta == 0.25 and default.adaptive_actor_coeff
+    assert default == VIMPOConfig(beta=0.25, adaptive_actor_coeff=True)
+    paper = load_config(None, ["algorithm.recipe=paper"])
+    assert not paper.length_scaled_beta and paper.loss_config(beta=0.25) == VIMPOConfig()
+    explicit = load_config(None, ["algorithm.loss={beta: 0.01}"])
+    assert not explicit.length_scaled_beta and explicit.loss_config(beta=0.25).beta == 0.01, "loss overrides win"
+    assert load_config(None, ["algorithm.name=grpo"]).loss_config(beta=0.25) == VIMPOConfig.for_algorithm("grpo")
+    with pytest.raises(ConfigError, match="algorithm.recipe must be one of"):
+        load_config(None, ["algorithm.recipe=fast"])
