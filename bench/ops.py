@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from vimpo_kernels import VIMPOConfig, vimpo_loss
+from vimpo_kernels import ALGORITHMS, VIMPOConfig, vimpo_loss
 from vimpo_kernels.vimpo_loss import grpo_advantages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -283,6 +283,17 @@ register_op(Op(
     config=VIMPOConfig.for_algorithm("dapo", kl_loss_coeff=DAPO_BETA, clip_ratio_low=DAPO_EPS_LOW,
                                      clip_ratio_high=DAPO_EPS_HIGH),
     inputs=given_reference_logprobs, logit_copies=4))
+
+# The anchors' loss families (Liger-Kernel 0.8.5's loss types, TRL's loss_type), each with its
+# registry preset, on dapo's inputs (on-policy, given reference log-probs, k3 penalty): one entry
+# each, compared with Liger's module of the same loss type.
+FAMILIES = ("bnpo", "gspo", "luspo", "cispo", "sapo", "vespo")
+for _family in FAMILIES:
+    register_op(Op(
+        name=_family,
+        title=f"{_family.upper()} loss ({ALGORITHMS[_family].summary}), k3 KL from given reference log-probs (vs Liger)",
+        config=VIMPOConfig.for_algorithm(_family, kl_loss_coeff=DAPO_BETA),
+        inputs=given_reference_logprobs, logit_copies=4))
 
 # Cross-entropy libraries return -log p(target); their contenders negate it.
 register_op(Op(
