@@ -1,6 +1,8 @@
 // The VIMPO sequence epilogue op (epilogue_math.h): checks, then the two per-sequence passes
-// on the input's device. CPU: sequences spread over ATen's pool, each walked by one thread.
+// on the input's device (a device guard makes it current, so the CUDA launches go to that
+// device's current stream). No host synchronization: outputs stay on the device. CPU: sequences spread over ATen's pool, each walked by one thread.
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
 
@@ -54,6 +56,7 @@ std::vector<Tensor> vimpo_epilogue_scan(const Tensor& logp, const Tensor& ref, c
   if (kl.has_value()) check_bt("token_kl", *kl, logp);
   TORCH_CHECK(p.kl_estimator == kKlK2 || p.kl_estimator == kKlK3 || (p.kl_estimator == kKlGiven && kl.has_value()),
               "vimpo epilogue: kl_estimator must be 0 (given token_kl), 2 or 3, got ", p.kl_estimator);
+  const at::OptionalDeviceGuard device_guard(at::device_of(logp));
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor u = at::empty_like(logp), adv_raw = at::empty_like(logp), seq_value = at::empty({B}, logp.options());
   const ScanArgs a{logp.const_data_ptr<double>(), ref.const_data_ptr<double>(), ptr(kl),
@@ -87,6 +90,7 @@ std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref,
   if (is_w.has_value()) check_bt("rollout_is_weights", *is_w, logp);
   check_b("dloss_dseq", dloss_dseq, logp);
   TORCH_CHECK(p.clip_c > 1.0, "vimpo epilogue: clip_ratio_c must be > 1, got ", p.clip_c);
+  const at::OptionalDeviceGuard device_guard(at::device_of(logp));
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor adv = at::empty_like(logp), g_logp = at::empty_like(logp);
   Tensor g_kl = p.want_g_kl ? at::empty_like(logp) : Tensor();

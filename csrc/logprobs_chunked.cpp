@@ -7,9 +7,23 @@
 // (accumulated over chunks in fp32, or fp64 for fp64 input). Extra memory is one or two chunk
 // buffers plus the gradients themselves, independent of N.
 //
-// Compute dtype: fp64 for fp64 input, fp32 otherwise. Low-precision weights are upcast once
-// (V x H fp32 copy) so the GEMMs accumulate in fp32 and the row passes see fp32 logits.
+// Dtypes (`Plan`): the logits buffers, row passes, per-token outputs and gradient accumulators
+// are fp64 for fp64 input, fp32 otherwise. GEMM operands:
+//  - CPU, and fp32/fp64 or mixed-dtype input anywhere: the accumulation dtype. Low-precision
+//    tensors are upcast (a V x H fp32 copy of the weight per call), so every product is exact
+//    in fp32 and the sums are fp32 (the measured CPU design; the exact path).
+//  - CUDA, hidden and weights all bf16: the GEMMs run on bf16 tensor cores with fp32 output
+//    (ATen's `mm` / `addmm` `out_dtype` overloads, cuBLAS with CUBLAS_COMPUTE_32F): the logits
+//    are the exact bf16 x bf16 products summed in fp32, as with the upcast, without the upcast
+//    copy and at tensor-core rate. The backward's logit gradient is written in bf16 (one
+//    rounding of a value computed in fp32, ~2^-9 relative, the rounding torch's own bf16
+//    backward applies to its logit gradient) and enters the d_hidden / d_weight GEMMs as a bf16
+//    operand; d_hidden rows come out in fp32, d_weight accumulates over chunks in fp32 (beta = 1)
+//    and both are cast to bf16 once, at the end.
+//  - CUDA, all fp16: the forward as for bf16; the backward on the upcast path, since an fp16
+//    logit gradient flushes g * p_j below 6e-8 to zero (5-bit exponent) without loss scaling.
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
@@ -50,16 +64,55 @@ at::ScalarType compute_dtype(const Tensor& hidden) {
   return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The dtypes of one call (header comment).
+struct Plan {
+  at::ScalarType acc;      // logits buffers, row passes, per-token outputs, gradient accumulators
+  at::ScalarType operand;  // GEMM operands: hidden rows, weights and (backward) the logit gradient
+  bool low_precision() const { return operand != acc; }
+};
+
+// `others`: the remaining GEMM operands (weights, reference hidden); undefined ones are skipped.
+// `with_grad`: the call runs the gradient GEMMs (backward, GRPO forward-gradient).
+Plan plan_for(const Tensor& hidden, std::initializer_list<Tensor> others, bool with_grad) {
+  const at::ScalarType dt = hidden.scalar_type();
+  Plan p{compute_dtype(hidden), compute_dtype(hidden)};
+  bool same = true;
+  for (const Tensor& t : others) same = same && (!t.defined() || t.scalar_type() == dt);
+  const bool low = hidden.is_cuda() && same && (dt == at::kBFloat16 || dt == at::kHalf);
+  if (low && (dt == at::kBFloat16 || !with_grad)) p.operand = dt;
+  return p;
+}
+
+// out <- a b, the product of two `operand` matrices, into an `acc` matrix.
+void mm_into(Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) at::mm_out(out, a, b);
+  else at::mm_out(out, a, b, out.scalar_type());  // bf16/fp16 operands, fp32 output (cuBLAS, fp32 compute)
+}
+
 // Rows per chunk. CPU: 64 MiB per logits buffer (512 rows at V = 32768). MKL's GEMMs with
 // a small chunk dimension lose speed: at H = 1024, V = 32768 on 2 EPYC cores the forward GEMMs
 // of 128-row chunks took 1.2x a full-size GEMM, 512-row chunks 1.0x; d_weight (K = chunk)
 // likewise. The buffers stay well under the d_weight accumulator (V x H fp32, 128 MiB there),
-// which every method pays. CUDA: ~256 MiB per buffer, so cuBLAS sees large GEMMs.
+// which every method pays.
+// CUDA: kCudaChunkBytes = 1.25 GiB per fp32 logits buffer, rounded down to a multiple of 256 rows
+// (whole cuBLAS tiles): 2048 rows at V = 151936, i.e. 2048 x 151936 x 4 B = 1.16 GiB per buffer.
+// A call holds at most two fp32 buffers (policy + reference) and, in the bf16 backward, one bf16
+// gradient buffer (0.58 GiB): 2.3 GiB in the forward, 2.9 GiB in a backward with a KL gradient,
+// 1.7 GiB with a detached KL, next to the V x H fp32 d_weight accumulator (2.3 GiB at H = 4096).
+// Why so large: the d_weight GEMM (K = chunk rows) reads and writes its V x H fp32 accumulator
+// once per chunk, 8 B per 2 * K FLOPs: 512 FLOP/B at K = 2048, above an H100's ridge (989 TFLOP/s
+// / 3.35 TB/s = 295 FLOP/B), so compute-bound; at the former 256 MiB budget (441 rows) 110
+// FLOP/B, memory-bound on 5 GB of accumulator traffic per chunk. `chunk_rows` (TokenStatsParams /
+// GrpoParams, VIMPO_CHUNK_ROWS) overrides the budget.
+constexpr int64_t kCpuChunkBytes = int64_t(64) << 20;
+constexpr int64_t kCudaChunkBytes = int64_t(5) << 28;
+
 int64_t chunk_rows(int64_t requested, int64_t n_rows, int64_t vocab, const at::TensorOptions& compute) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, n_rows));
-  const int64_t budget = compute.device().is_cuda() ? (int64_t(256) << 20) : (int64_t(64) << 20);
+  const bool cuda = compute.device().is_cuda();
   const int64_t elem = int64_t(c10::elementSize(c10::typeMetaToScalarType(compute.dtype())));
-  const int64_t rows = budget / std::max<int64_t>(1, vocab * elem);
+  int64_t rows = (cuda ? kCudaChunkBytes : kCpuChunkBytes) / std::max<int64_t>(1, vocab * elem);
+  if (cuda && rows >= 256) rows -= rows % 256;
   return std::max<int64_t>(1, std::min(n_rows, std::max<int64_t>(16, rows)));
 }
 
@@ -82,24 +135,26 @@ void check_rows(const char* name, const Tensor& t, int64_t n, const Tensor& like
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
 }
 
-// One LM head in the compute dtype: the GEMM operands of every chunk.
+// One LM head: the GEMM operands of every chunk, in the plan's operand dtype.
 struct Head {
   Tensor hidden;  // (N, H), any float dtype; converted chunk by chunk
-  Tensor weight;  // (V, H) compute dtype, contiguous
-  Tensor bias;    // (V,) compute dtype, or undefined
+  Tensor weight;  // (V, H) operand dtype, contiguous
+  Tensor bias;    // (V,) accumulation dtype, or undefined
+  at::ScalarType operand, acc;
 
-  Head(const Tensor& h, const Tensor& w, const Tensor& b, at::ScalarType dt)
-      : hidden(h.contiguous()), weight(w.to(dt).contiguous()), bias(b.defined() ? b.to(dt).contiguous() : b) {}
+  Head(const Tensor& h, const Tensor& w, const Tensor& b, const Plan& plan)
+      : hidden(h.contiguous()), weight(w.to(plan.operand).contiguous()),
+        bias(b.defined() ? b.to(plan.acc).contiguous() : b), operand(plan.operand), acc(plan.acc) {}
 
-  Tensor rows(int64_t r0, int64_t n, at::ScalarType dt) const { return hidden.narrow(0, r0, n).to(dt); }
+  Tensor rows(int64_t r0, int64_t n) const { return hidden.narrow(0, r0, n).to(operand); }
 
-  // out <- logits of `rows`: (V, n) = W rows^T + b when vocab-major, else (n, V) = rows W^T + b
+  // out (acc) <- logits of `rows`: (V, n) = W rows^T + b when vocab-major, else (n, V) = rows W^T + b
   void logits_into(Tensor& out, const Tensor& rows, bool vocab_major) const {
     if (vocab_major) {
-      at::mm_out(out, weight, rows.t());
+      mm_into(out, weight, rows.t());
       if (bias.defined()) out.add_(bias.unsqueeze(1));
     } else {
-      at::mm_out(out, rows, weight.t());
+      mm_into(out, rows, weight.t());
       if (bias.defined()) out.add_(bias);
     }
   }
@@ -107,11 +162,14 @@ struct Head {
   // Logits of `rows` (n, H) at the vocabulary ids idx (n, K) only: (n, K). K dot products per
   // row, one id column at a time (an n x H temporary) -- 2 n K H flops instead of the 2 n V H
   // of a full chunk GEMM when only K entries per row are needed.
+  // In the accumulation dtype: bf16 operands are upcast here (n x H, small), so the products are
+  // exact and summed in fp32, as the GEMM does.
   Tensor logits_at(const Tensor& rows, const Tensor& idx) const {
-    Tensor out = at::empty(idx.sizes(), rows.options());
+    Tensor out = at::empty(idx.sizes(), rows.options().dtype(acc));
+    const Tensor rows_acc = rows.to(acc);
     for (int64_t k = 0; k < idx.size(1); ++k) {
       const Tensor ids = idx.select(1, k);
-      Tensor col = (rows * weight.index_select(0, ids)).sum(1);
+      Tensor col = (rows_acc * weight.index_select(0, ids).to(acc)).sum(1);
       if (bias.defined()) col.add_(bias.index_select(0, ids));
       out.select(1, k).copy_(col);
     }
@@ -126,26 +184,34 @@ Tensor chunk_view(const Tensor& buf, int64_t n, int64_t vocab, bool vocab_major)
 }
 
 // Gradient accumulators of the chunk loop's backward GEMMs.
+// All in the accumulation dtype (fp32 for bf16): d_hidden rows are written once each, d_weight
+// and d_bias sum over chunks; `finish` casts each once.
 struct HeadGrads {
   Tensor d_hidden, d_weight, d_bias;
 
-  HeadGrads(const Head& head, at::ScalarType dt, bool need_dh, bool need_dw, bool need_db) {
-    auto opts = head.weight.options().dtype(dt);
+  HeadGrads(const Head& head, bool need_dh, bool need_dw, bool need_db) {
+    auto opts = head.weight.options().dtype(head.acc);
     if (need_dh) d_hidden = at::empty({head.hidden.size(0), head.hidden.size(1)}, opts);
     if (need_dw) d_weight = at::zeros_like(head.weight, opts);
     if (need_db) d_bias = at::zeros({head.weight.size(0)}, opts);
   }
 
-  // dlogits of rows [r0, r0 + n) ((V, n) when vocab-major, else (n, V)) -> d_hidden rows,
-  // += d_weight, += d_bias
+  // dlogits of rows [r0, r0 + n) ((V, n) when vocab-major, else (n, V)), in the operand dtype
+  // like `rows` -> d_hidden rows, += d_weight, += d_bias
   void accumulate(const Tensor& dlogits, const Tensor& rows, const Head& head, int64_t r0, bool vocab_major) {
     const Tensor d = vocab_major ? dlogits : dlogits.t();  // (V, n) view either way
+    const bool low = d.scalar_type() != head.acc;
     if (d_hidden.defined()) {
       Tensor out = d_hidden.narrow(0, r0, rows.size(0));
-      at::mm_out(out, d.t(), head.weight);
+      mm_into(out, d.t(), head.weight);
     }
-    if (d_weight.defined()) d_weight.addmm_(d, rows);
-    if (d_bias.defined()) d_bias.add_(d.sum(1));
+    if (d_weight.defined()) {
+      // bf16 x bf16 with fp32 compute, added into the fp32 accumulator by cuBLAS (beta = 1): no
+      // bf16 partial sum, no separate read-modify-write pass.
+      if (low) at::addmm_out(d_weight, d_weight, d, rows, head.acc, /*beta=*/1, /*alpha=*/1);
+      else d_weight.addmm_(d, rows);
+    }
+    if (d_bias.defined()) d_bias.add_(low ? d.sum(1, /*keepdim=*/false, head.acc) : d.sum(1));
   }
 
   std::vector<Tensor> finish(const Tensor& hidden_like, const Tensor& weight_like, const Tensor& bias_like) const {
@@ -193,13 +259,13 @@ template <class T>
 std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                                  const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
                                  const TokenStatsParams& p) {
-  const auto dt = compute_dtype(hidden);
+  const Plan plan = plan_for(hidden, {weight, ref_hidden, ref_weight}, /*with_grad=*/false);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const bool has_ref = ref_hidden.defined();
-  const Head head(hidden, weight, bias, dt);
+  const Head head(hidden, weight, bias, plan);
   std::optional<Head> ref_head;
-  if (has_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
-  const auto opts = hidden.options().dtype(dt);
+  if (has_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, plan);
+  const auto opts = hidden.options().dtype(plan.acc);
   const auto opts64 = opts.dtype(at::kDouble);  // the lse's: token_math.h `SplitConst`
   Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts64);
   Tensor ref_logp, ref_lse, kl, entropy;
@@ -222,10 +288,10 @@ std::vector<Tensor> forward_impl(const Tensor& hidden, const Tensor& weight, con
     const int64_t n = std::min(C, N - r0);
     const bool vm = passes.vocab_major;
     Tensor z = chunk_view(buf, n, V, vm), zr;
-    head.logits_into(z, head.rows(r0, n, dt), vm);
+    head.logits_into(z, head.rows(r0, n), vm);
     if (has_ref) {
       zr = chunk_view(ref_buf, n, V, vm);
-      ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
+      ref_head->logits_into(zr, ref_head->rows(r0, n), vm);
     }
     ForwardRows<T> a{z.const_data_ptr<T>(), has_ref ? zr.const_data_ptr<T>() : nullptr,
                      tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
@@ -253,22 +319,26 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                                   const Tensor& ref_hidden, const Tensor& ref_weight, const Tensor& ref_bias,
                                   const Tensor& lse, const Tensor& ref_lse, const Tensor& kl, const Tensor& entropy,
                                   const Tensor& cand_idx, const TokenStatsParams& p) {
-  const auto dt = compute_dtype(hidden);
+  const Plan plan = plan_for(hidden, {weight, ref_hidden, ref_weight}, /*with_grad=*/true);
+  const at::ScalarType dt = plan.acc;
   const int64_t N = hidden.size(0), V = weight.size(0);
   // The reference logits are recomputed only when the KL carries a gradient (non-detached KL);
   // for the candidate-set KL only at the K candidates of each row, not as a full chunk.
   const bool with_ref = grad_kl.defined();
   const bool candidate_set = with_ref && cand_idx.defined();
   const bool ref_chunks = with_ref && !candidate_set;
-  const Head head(hidden, weight, bias, dt);
+  const Head head(hidden, weight, bias, plan);
   std::optional<Head> ref_head;
-  if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, dt);
-  HeadGrads grads(head, dt, p.need_dh, p.need_dw, p.need_db && bias.defined());
+  if (with_ref) ref_head.emplace(ref_hidden, ref_weight.defined() ? ref_weight : weight, ref_bias, plan);
+  HeadGrads grads(head, p.need_dh, p.need_dw, p.need_db && bias.defined());
   const auto opts = hidden.options().dtype(dt);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(p.chunk_rows, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
   Tensor ref_buf = ref_chunks ? at::empty({C * V}, opts) : Tensor();
+  // bf16 plan: the row pass writes the logit gradient here, the gradient GEMMs' bf16 operand.
+  const bool bf16_grad = plan.operand == at::kBFloat16;
+  Tensor grad_buf = bf16_grad ? at::empty({C * V}, opts.dtype(at::kBFloat16)) : Tensor();
   const Tensor tgt = targets.contiguous();
   auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
   const Tensor g_logp = c(grad_logp), g_kl = c(grad_kl), g_ent = c(grad_entropy);
@@ -278,11 +348,12 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
     const int64_t n = std::min(C, N - r0);
     const bool vm = passes.vocab_major;
     Tensor z = chunk_view(buf, n, V, vm), zr;
-    const Tensor rows = head.rows(r0, n, dt);
+    Tensor dz = bf16_grad ? chunk_view(grad_buf, n, V, vm) : z;  // d loss / d raw logits
+    const Tensor rows = head.rows(r0, n);
     head.logits_into(z, rows, vm);
     if (ref_chunks) {
       zr = chunk_view(ref_buf, n, V, vm);
-      ref_head->logits_into(zr, ref_head->rows(r0, n, dt), vm);
+      ref_head->logits_into(zr, ref_head->rows(r0, n), vm);
     }
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     if (candidate_set) {
@@ -291,7 +362,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       // the target below); the sparse part is scattered at the K ids.
       const Tensor idx = cand_idx.narrow(0, r0, n);
       const Candidates cs = candidates_of(idx, logits_of_buffer(z, idx, vm),
-                                          ref_head->logits_at(ref_head->rows(r0, n, dt), idx), 1.0 / p.temperature,
+                                          ref_head->logits_at(ref_head->rows(r0, n), idx), 1.0 / p.temperature,
                                           lse_c.narrow(0, r0, n), ref_lse_c.narrow(0, r0, n));
       const Tensor gk = g_kl.narrow(0, r0, n).to(at::kDouble);
       const Tensor shift = gk * (kl_c.narrow(0, r0, n).to(at::kDouble) + cs.p.sum(1));
@@ -306,6 +377,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
       auto layout = [vm](const Tensor& rows_by_k) { return vm ? rows_by_k.t() : rows_by_k; };  // (n, K) -> buffer's
       z.scatter_add_(dim, layout(tgt.narrow(0, r0, n).unsqueeze(1)), layout((shift * -it).to(dt).unsqueeze(1)));
       z.scatter_add_(dim, layout(cs.idx), layout((gk.unsqueeze(1) * cs.p * (cs.logp - cs.logq + 1.0) * it).to(dt)));
+      if (bf16_grad) dz.copy_(z);  // the sparse terms are added in fp32, then one rounding
     } else {
       BackwardRows<T> a{z.data_ptr<T>(), ref_chunks ? zr.const_data_ptr<T>() : nullptr,
                         tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
@@ -313,9 +385,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_logp, const Tensor& grad_kl
                         ref_chunks ? ref_lse_c.const_data_ptr<double>() + r0 : nullptr,
                         ref_chunks ? at_r0(kl_c) : nullptr, at_r0(ent_c), at_r0(g_logp), at_r0(g_kl),
                         g_ent.defined() ? at_r0(g_ent) : nullptr};
+      if (bf16_grad) a.dlogits_bf16 = dz.data_ptr<at::BFloat16>();
       passes.backward(a);
     }
-    grads.accumulate(z, rows, head, r0, vm);
+    grads.accumulate(dz, rows, head, r0, vm);
   }
   return grads.finish(hidden, weight, bias);
 }
@@ -324,30 +397,34 @@ template <class T>
 std::vector<Tensor> grpo_impl(const Tensor& hidden, const Tensor& weight, const Tensor& bias, const Tensor& targets,
                               const Tensor& old_logp, const Tensor& adv, const Tensor& agg_w, const Tensor& is_w,
                               const Tensor& ref_logp, const GrpoParams& p) {
-  const auto dt = compute_dtype(hidden);
+  const Plan plan = plan_for(hidden, {weight}, /*with_grad=*/true);
   const int64_t N = hidden.size(0), V = weight.size(0);
-  const Head head(hidden, weight, bias, dt);
-  HeadGrads grads(head, dt, p.need_dh, p.need_dw, p.need_db && bias.defined());
-  const auto opts = hidden.options().dtype(dt);
+  const Head head(hidden, weight, bias, plan);
+  HeadGrads grads(head, p.need_dh, p.need_dw, p.need_db && bias.defined());
+  const auto opts = hidden.options().dtype(plan.acc);
   Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble)), dlogp = at::empty({N}, opts);
   const RowPasses<T> passes = row_passes_for<T>(hidden);
   const int64_t C = chunk_rows(p.chunk_rows, N, V, opts);
   Tensor buf = at::empty({C * V}, opts);
+  const bool bf16_grad = plan.operand == at::kBFloat16;  // as in backward_impl
+  Tensor grad_buf = bf16_grad ? at::empty({C * V}, opts.dtype(at::kBFloat16)) : Tensor();
   const Tensor tgt = targets.contiguous();
-  auto c = [&](const Tensor& t) { return t.defined() ? t.to(dt).contiguous() : t; };
+  auto c = [&](const Tensor& t) { return t.defined() ? t.to(plan.acc).contiguous() : t; };
   const Tensor old_c = c(old_logp), adv_c = c(adv), agg_c = c(agg_w), isw_c = c(is_w), ref_c = c(ref_logp);
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
     const bool vm = passes.vocab_major;
     Tensor z = chunk_view(buf, n, V, vm);
-    const Tensor rows = head.rows(r0, n, dt);
+    Tensor dz = bf16_grad ? chunk_view(grad_buf, n, V, vm) : z;
+    const Tensor rows = head.rows(r0, n);
     head.logits_into(z, rows, vm);
     auto at_r0 = [&](const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() + r0 : nullptr; };
     GrpoRows<T> a{z.data_ptr<T>(), tgt.const_data_ptr<int64_t>() + r0, n, V, T(1.0 / p.temperature),
                   at_r0(old_c), at_r0(adv_c), at_r0(agg_c), at_r0(isw_c), at_r0(ref_c), p.ppo(),
                   logp.data_ptr<T>() + r0, lse.data_ptr<double>() + r0, dlogp.data_ptr<T>() + r0};
+    if (bf16_grad) a.dlogits_bf16 = dz.data_ptr<at::BFloat16>();
     passes.grpo(a);
-    grads.accumulate(z, rows, head, r0, vm);
+    grads.accumulate(dz, rows, head, r0, vm);
   }
   std::vector<Tensor> out = {logp, lse, dlogp};
   for (auto& g : grads.finish(hidden, weight, bias)) out.push_back(g);
@@ -381,6 +458,7 @@ std::vector<Tensor> token_stats_forward(const Tensor& hidden, const Tensor& weig
                                         const TokenStatsParams& p) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
                            p.temperature);
+  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));  // GEMMs and launches on hidden's device
   TORCH_CHECK(!p.want_kl || ref_hidden.has_value(), "want_kl needs ref_hidden");
   TORCH_CHECK(p.topk >= 0, "topk must be >= 0 (0 = exact KL), got ", p.topk);
   if (compute_dtype(hidden) == at::kDouble)
@@ -397,6 +475,7 @@ std::vector<Tensor> token_stats_backward(const OptTensor& grad_logp, const OptTe
                                          const OptTensor& cand_idx, const TokenStatsParams& p) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, opt(ref_hidden), opt(ref_weight), opt(ref_bias),
                            p.temperature);
+  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));
   const int64_t N = hidden.size(0);
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"grad_logp", opt(grad_logp)}, {"grad_kl", opt(grad_kl)},
                           {"grad_entropy", opt(grad_entropy)}, {"lse", lse}, {"ref_lse", opt(ref_lse)},
@@ -423,6 +502,7 @@ std::vector<Tensor> grpo_forward_grad(const Tensor& hidden, const Tensor& weight
                                       const Tensor& agg_w, const OptTensor& is_w, const OptTensor& ref_logp,
                                       const GrpoParams& p) {
   check_token_stats_inputs(hidden, weight, opt(bias), targets, Tensor(), Tensor(), Tensor(), p.temperature);
+  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));
   const int64_t N = hidden.size(0);
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"old_logp", opt(old_logp)}, {"adv", adv},
                           {"agg_w", agg_w}, {"is_w", opt(is_w)}, {"ref_logp", opt(ref_logp)}})

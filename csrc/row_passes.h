@@ -12,6 +12,8 @@
 // chunk's first row; a null pointer means "not wanted" (outputs) or "zero" (gradients).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 #include "token_math.h"
@@ -48,6 +50,9 @@ struct BackwardRows {
   const T* grad_logp;
   const T* grad_kl;
   const T* grad_entropy;
+  // CUDA only: when set, d loss / d raw logits go here as bf16 (rows, V) row-major, the operand
+  // of the bf16 gradient GEMMs, instead of in place over `logits` (which is then left as is).
+  c10::BFloat16* dlogits_bf16 = nullptr;
 };
 
 // GRPO-family forward-gradient pass: the per-token coefficient d loss / d logp only depends on
@@ -69,6 +74,7 @@ struct GrpoRows {
   T* logp;
   double* lse;
   T* dlogp;
+  c10::BFloat16* dlogits_bf16 = nullptr;  // as in BackwardRows (CUDA only)
 };
 
 template <class T>

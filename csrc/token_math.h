@@ -137,6 +137,50 @@ VIMPO_HD RowSums<T> merge_row_sums(const RowSums<T>& a, const RowSums<T>& b) {
   return o;
 }
 
+// One entry folded into a part's sums: merge_row_sums(s, one-entry part) (a one-entry part
+// has max = the entry, x = 0, e = 1) with ONE exp per model instead of that merge's two, one
+// of which is always exp(0). When the entry raises the max, the old sums are rescaled by
+// exp(old max - entry) and the entry adds e = 1, x = 0; otherwise the sums stay and the entry
+// adds e = exp(entry - max), x = entry - max. The CUDA row passes call this per logit (the CPU
+// passes reduce vectorized blocks and merge those). An entry of -inf (a masked vocabulary id)
+// has e = 0 and must not enter e * x (0 * -inf).
+template <class T>
+VIMPO_HD void accumulate_entry(RowSums<T>& s, T l, T l_ref, bool has_ref) {
+  if (s.sum_exp == T(0)) {
+    s = RowSums<T>{l, T(1), T(0), l_ref, has_ref ? T(1) : T(0), T(0), T(1)};
+    return;
+  }
+  T scale = T(1), dm = T(0), e, x;  // dm = old max - new max (<= 0); e, x: the entry's
+  const T d = l - s.m;
+  if (d > T(0)) {
+    scale = exp(-d);
+    dm = -d;
+    e = T(1);
+    x = T(0);
+    s.m = l;
+  } else {
+    e = exp(d);
+    x = d;
+  }
+  T dm_ref = T(0), x_ref = T(0);
+  if (has_ref) {
+    const T dr = l_ref - s.m_ref;
+    if (dr > T(0)) {
+      s.sum_exp_ref = s.sum_exp_ref * exp(-dr) + T(1);
+      dm_ref = -dr;
+      s.m_ref = l_ref;
+    } else {
+      s.sum_exp_ref += exp(dr);
+      x_ref = dr;
+    }
+  }
+  const bool live = e != T(0);
+  s.sum_exp_x = rescaled(scale, s.sum_exp_x, s.sum_exp, dm) + (live ? e * x : T(0));
+  s.sum_exp_dx = rescaled(scale, s.sum_exp_dx, s.sum_exp, dm - dm_ref) + (live ? e * (x - x_ref) : T(0));
+  s.sum_exp_sq = s.sum_exp_sq * scale * scale + e * e;
+  s.sum_exp = s.sum_exp * scale + e;
+}
+
 // ---- backward: d loss / d tempered logit of one vocabulary entry --------------------------
 // With p_j = exp(logp_j), logq_j the reference log-prob, k = KL(p||q), H = entropy:
 //   d logp_y / d l_j = 1[j=y] - p_j
