@@ -77,7 +77,7 @@ def main(out_path: str) -> None:
     results = {}
     for case in ("vimpo", "vimpo-adaptive", "grpo"):
         algorithm = case.split("-")[0]
-        cfg = load_config(None, ["model.toy_hidden_size=64", "model.toy_layers=2", "model.toy_heads=2",
+        cfg = load_config(None, ["data.toy_task=addition", "reward.noise_flip_prob=0.0", "model.toy_hidden_size=64", "model.toy_layers=2", "model.toy_heads=2",
                                  f"algorithm.name={algorithm}",
                                  f"algorithm.recipe={'default' if case == 'vimpo-adaptive' else 'paper'}"])
         loss_cfg = cfg.loss_config(beta=0.1 if case == "vimpo-adaptive" else None)

