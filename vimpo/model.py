@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vimpo_kernels import VIMPOConfig, fused_linear_logprobs, fused_vimpo_loss
+from vimpo_kernels.algorithms import needs_reference
 
 from . import toy
 from .train_config import ModelConfig
@@ -194,7 +195,7 @@ class PolicyWithReference(nn.Module):
                                      return_logit_grad_norm=True, mask=batch.mask.bool(), backend=backend)
 
     def _needs_reference(self, config: VIMPOConfig) -> bool:
-        needed = not config.is_grpo_family or config.kl_loss_coeff > 0
+        needed = needs_reference(config)
         if needed and self.reference is None:
             raise ValueError(f"algorithm={config.algorithm!r} needs a reference model")
         return needed

@@ -169,3 +169,62 @@ def flip_group_rewards(rewards: Sequence[float], uids: Sequence[str], *, seed: i
             decision[uid] = flip_prob > 0 and group_uniform(seed, step, uid) < flip_prob
     flipped = [decision[u] for u in uids]
     return [1.0 - r if f else r for r, f in zip(rewards, flipped)], flipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Noisy verifier (docs/math.md, "Noisy-verifier corrections"): a per-sample false-positive /
+# false-negative channel for studies, and the backward / forward corrections of the rewards.
+# The corrections are affine maps, written once here; they work on floats and on tensors.
+# ---------------------------------------------------------------------------------------------
+
+CORRECTIONS = ("none", "backward", "forward")
+
+
+def check_noise_rates(fp_rate: float, fn_rate: float, what: str = "rates") -> None:
+    """rho0 = P(R~=1 | R=0), rho1 = P(R~=0 | R=1): each in [0, 1], and rho0 + rho1 < 1 (else
+    the noisy reward carries no information about the clean one and nothing can be corrected)."""
+    for name, rate in (("fp_rate", fp_rate), ("fn_rate", fn_rate)):
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and 0.0 <= rate <= 1.0):
+            raise ValueError(f"{what}: {name} must lie in [0, 1], got {rate!r}")
+    if fp_rate + fn_rate >= 1.0:
+        raise ValueError(f"{what}: fp_rate + fn_rate must be < 1, got {fp_rate!r} + {fn_rate!r}")
+
+
+def sample_uniform(seed: int, step: int, key: str) -> float:
+    """U in [0, 1) of one sample for the false-positive / false-negative channel; the key space
+    (`fpfn:` prefix) is disjoint from the group flip's uids, so the two draws are independent."""
+    return group_uniform(seed, step, f"fpfn:{key}")
+
+
+def verifier_noise(rewards: Sequence[float], keys: Sequence[str], *, seed: int, step: int, fp_rate: float,
+                   fn_rate: float) -> tuple[list[float], list[bool], list[bool]]:
+    """(noisy rewards, false-positive flags, false-negative flags) of 0/1 rewards: a reward 0
+    becomes 1 when U < fp_rate, a reward 1 becomes 0 when U < fn_rate, with U = sample_uniform(
+    seed, step, key) (one key per sample, e.g. "{rank}-{group}-{member}"). Deterministic."""
+    check_noise_rates(fp_rate, fn_rate, "verifier_noise")
+    noisy, fps, fns = [], [], []
+    for r, key in zip(rewards, keys):
+        if r not in (0.0, 1.0):
+            raise ValueError(f"the false-positive / false-negative channel takes 0/1 rewards, got {r!r} "
+                             "(set reward.noise_fp_rate and reward.noise_fn_rate to 0 for graded rewards)")
+        u = sample_uniform(seed, step, key) if (fp_rate > 0 or fn_rate > 0) else 1.0
+        fp = r == 0.0 and u < fp_rate
+        fn = r == 1.0 and u < fn_rate
+        noisy.append(1.0 - r if (fp or fn) else r)
+        fps.append(fp)
+        fns.append(fn)
+    return noisy, fps, fns
+
+
+def backward_correction(rewards, fp_rate: float, fn_rate: float):
+    """R^ = (R~ - rho0) / (1 - rho0 - rho1): E[R^ | R] = R for a 0/1 clean reward R."""
+    check_noise_rates(fp_rate, fn_rate, "backward_correction")
+    return (rewards - fp_rate) / (1.0 - fp_rate - fn_rate)
+
+
+def forward_weights(rewards, fn_rate: float):
+    """w(R~) = R~ + rho1 - 1, i.e. w(1) = rho1, w(0) = rho1 - 1: the weight of each sample's
+    score-function term; E[w(R~) | R] = (1 - rho0 - rho1) (R - 1), so the expected update is the
+    clean policy gradient times a positive constant (needs rho1 only)."""
+    check_noise_rates(0.0, fn_rate, "forward_weights")
+    return rewards + (fn_rate - 1.0)

@@ -4,8 +4,10 @@ Read `train` top to bottom; everything it calls is below it or in a sibling modu
 training step:
 
   1. take `prompts_per_step` prompts (deterministic sampler), sample `n` responses each;
-  2. score them (failures get `reward.error_value` and are counted), optionally flip groups;
-  3. compute the group baseline (VIMPO) / advantages (GRPO family) on the whole step batch;
+  2. score them (failures get `reward.error_value` and are counted), optionally pass them
+     through a noisy verifier (per-sample false positives / negatives) and flip groups;
+  3. optionally correct the noisy rewards (backward / forward), then compute the group baseline
+     (VIMPO) / advantages (GRPO family) on the whole step batch;
   4. for each epoch and mini-batch: accumulate gradients over micro-batches, the loss
      normalised by the mini-batch's global token / sequence counts, then clip and step;
   5. push the new weights into the sampler; log; watch for a collapse (vimpo/monitor.py);
@@ -36,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from vimpo_kernels import fused_linear_logprobs
-from vimpo_kernels.vimpo_loss import group_mean, grpo_advantages
+from vimpo_kernels.algorithms import needs_reference
+from vimpo_kernels.vimpo_loss import group_baseline, grpo_advantages
 
 from . import adaptive
 from . import checkpoint as ckpt
@@ -45,7 +48,7 @@ from .monitor import CollapseMonitor, Limits, emit
 from .model import (PolicyWithReference, SequenceBatch, context_length, frozen_copy, lm_head, load_policy,
                     response_hidden, shard)
 from .plot import plot_metrics
-from .rewards import flip_group_rewards, load_reward_fn, score
+from .rewards import backward_correction, flip_group_rewards, forward_weights, load_reward_fn, score, verifier_noise
 from .rollout import Rollouts, left_pad, make_rollout
 from .train_config import Config, ConfigError, save_config
 
@@ -77,7 +80,7 @@ def train(cfg: Config) -> dict:
                                            cfg.algorithm.name, cfg.algorithm.recipe))
     if resume_from is None and cfg.sft.steps > 0:
         run_sft(policy, tokenizer, train_recs, train_ids, cfg, env, log)
-    reference = frozen_copy(policy) if (not loss_cfg.is_grpo_family or loss_cfg.kl_loss_coeff > 0) else None
+    reference = frozen_copy(policy) if needs_reference(loss_cfg) else None
     _persist_reference(reference, out, resume_from is not None, cfg, env)
     net = PolicyWithReference(policy, reference)
     if env.world > 1:
@@ -183,20 +186,15 @@ class RunState:
 def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_cfg, cfg: Config, env,
            tokenizer, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None) -> dict:
     pad = tokenizer.pad_token_id
-    extra = {}
-    if loss_cfg.is_grpo_family:
-        extra["advantages"] = grpo_advantages(rewards, group_ids, norm_by_std=loss_cfg.grpo_norm_by_std,
-                                              epsilon=loss_cfg.grpo_epsilon)
-    else:
-        baseline = group_mean(rewards, group_ids)
-        extra["baseline"] = baseline if loss_cfg.cap_v0 is None else baseline.clamp(max=loss_cfg.cap_v0)
+    raw_mean = env.all_mean(float(rewards.mean()))
+    rewards, extra = advantage_inputs(rewards, group_ids, loss_cfg, cfg)
+    sums: dict[str, float] = {}
     rows = torch.arange(len(roll.response_ids))
     mini_batches = rows.chunk(cfg.train.mini_batches)
     off_policy = cfg.train.mini_batches > 1 or cfg.train.ppo_epochs > 1
     behaviour = behaviour_logprobs(net, roll, rows, cfg, loss_cfg, env, pad) if off_policy or cfg.rollout.is_cap else {}
     use_adaptive = adaptive.applies(loss_cfg)
     diagnose = not loss_cfg.is_grpo_family and loss_cfg.value_type == "raw"
-    sums: dict[str, float] = {}
     diag = torch.zeros(6, dtype=torch.float64)
     n_updates = 0
     for _ in range(cfg.train.ppo_epochs):
@@ -236,9 +234,41 @@ def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_c
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             n_updates += 1
     out = {k: v / n_updates for k, v in sums.items()}
+    # Raw (as the verifier gave them, after any noise) vs corrected training rewards.
+    out["reward_raw_mean"] = raw_mean
+    out["reward_corrected_mean"] = env.all_mean(float(rewards.mean()))
     if diagnose:
         out.update(_diagnostics(env.all_sum_tensor(diag)))
     return out
+
+
+def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, cfg: Config):
+    """(rewards the loss sees, {"baseline" or "advantages": ...}) for the whole step batch: where
+    rewards become advantages, and where the noisy-verifier corrections hook in (docs/math.md,
+    "Noisy-verifier corrections").
+
+    backward: R^ = (R~ - rho0) / (1 - rho0 - rho1) replaces the reward, then the usual group
+      baseline (VIMPO) / advantages (GRPO family) are formed from R^;
+    forward:  w = R~ + rho1 - 1 is each sample's score-function weight: the GRPO-family advantage
+      as it is, and VIMPO's target (baseline 0). No group centring or std normalisation follows:
+      w is R~ shifted by a constant, which a group mean would cancel exactly."""
+    r = cfg.reward
+    extra = {}
+    if r.correction == "forward":
+        rewards = forward_weights(rewards, r.correction_fn_rate)
+        if loss_cfg.is_grpo_family:
+            extra["advantages"] = rewards.clone()
+        else:
+            extra["baseline"] = torch.zeros_like(rewards)
+        return rewards, extra
+    if r.correction == "backward":
+        rewards = backward_correction(rewards, r.correction_fp_rate, r.correction_fn_rate)
+    if loss_cfg.is_grpo_family:
+        extra["advantages"] = grpo_advantages(rewards, group_ids, norm_by_std=loss_cfg.grpo_norm_by_std,
+                                              epsilon=loss_cfg.grpo_epsilon)
+    else:
+        extra["baseline"] = group_baseline(rewards, group_ids, loss_cfg.cap_v0)
+    return rewards, extra
 
 
 def _diagnostic_sums(details: dict, valid: torch.Tensor) -> torch.Tensor:
@@ -325,20 +355,28 @@ def build_batch(roll: Rollouts, rows: list[int], pad: int, device) -> SequenceBa
 
 
 def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg: Config, step: int, env):
-    """(rewards used for training, group ids, logged stats). Noise flips whole groups."""
+    """(rewards used for training, group ids, logged stats). Noise: a noisy verifier flips single
+    samples (false positives / negatives), then `noise_flip_prob` flips whole groups."""
     completions = tokenizer.batch_decode(roll.response_ids, skip_special_tokens=True)
     result = score(reward_fn, [r["prompt"] for r in recs], completions, [r["answer"] for r in recs],
                    cfg.reward.error_value, None if cfg.reward.fn == "math" else cfg.reward.timeout_s)
     n = cfg.rollout.n
     groups = [j for j in range(len(recs) // n) for _ in range(n)]
     train_rewards, flipped = result.rewards, [False] * len(recs)
+    fps = fns = [False] * len(recs)
+    if cfg.reward.noise_fp_rate > 0 or cfg.reward.noise_fn_rate > 0:
+        keys = [f"{env.rank}-{g}-{k % n}" for k, g in enumerate(groups)]
+        train_rewards, fps, fns = verifier_noise(train_rewards, keys, seed=cfg.reward.noise_seed, step=step,
+                                                 fp_rate=cfg.reward.noise_fp_rate, fn_rate=cfg.reward.noise_fn_rate)
     if cfg.reward.noise_flip_prob > 0:
         uids = [f"{env.rank}-{g}" for g in groups]
-        train_rewards, flipped = flip_group_rewards(result.rewards, uids, seed=cfg.reward.noise_seed, step=step,
+        train_rewards, flipped = flip_group_rewards(train_rewards, uids, seed=cfg.reward.noise_seed, step=step,
                                                     flip_prob=cfg.reward.noise_flip_prob)
     stats = {"reward_mean": env.all_mean(float(np.mean(result.rewards))),
              "reward_errors": env.all_sum(float(result.errors)),
-             "flipped_frac": float(np.mean(flipped))}
+             "flipped_frac": float(np.mean(flipped)),
+             "false_positive_frac": env.all_mean(float(np.mean(fps))),
+             "false_negative_frac": env.all_mean(float(np.mean(fns)))}
     if result.errors and env.is_main:
         print(f"[vimpo] step {step}: {result.errors} reward error(s), scored {cfg.reward.error_value}; "
               f"first: {result.messages[0]}", flush=True)

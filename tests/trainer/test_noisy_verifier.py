@@ -1,0 +1,255 @@
+"""Noisy-verifier corrections (docs/math.md, "Noisy-verifier corrections"): the formulas on hand
+cases, unbiasedness by simulation, bad rates rejected, where the correction changes the update,
+and the seeded per-sample noise channel."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from vimpo.rewards import backward_correction, check_noise_rates, forward_weights, verifier_noise
+from vimpo.train_config import ConfigError, load_config
+from vimpo.trainer import advantage_inputs, train
+from vimpo_kernels.vimpo_loss import vimpo_loss
+
+RHO0, RHO1 = 0.15, 0.25  # false-positive and false-negative rates of the simulations
+
+
+# ---- the formulas on hand cases ---------------------------------------------------------------
+
+def test_backward_correction_hand_cases():
+    r = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert backward_correction(r, 0.1, 0.2).tolist() == pytest.approx([-0.1 / 0.7, 0.9 / 0.7], abs=1e-15)
+    assert backward_correction(r, 0.0, 0.0).tolist() == [0.0, 1.0]          # a perfect verifier: identity
+    assert backward_correction(1.0, 0.0, 0.5) == 2.0                        # only false negatives: 1 / (1 - rho1)
+    assert backward_correction(0.0, 0.3, 0.0) == pytest.approx(-0.3 / 0.7)  # only false positives
+
+
+def test_forward_weights_hand_cases():
+    r = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert forward_weights(r, 0.2).tolist() == pytest.approx([-0.8, 0.2], abs=1e-15)   # w(0) = rho1 - 1, w(1) = rho1
+    assert forward_weights(r, 0.0).tolist() == [-1.0, 0.0]
+
+
+@pytest.mark.parametrize("rho0, rho1", [(0.0, 0.0), (0.2, 0.3), (0.45, 0.45), (0.7, 0.1)])
+def test_corrections_in_conditional_expectation(rho0, rho1):
+    """Exact: E[R^ | R] = R and E[w(R~) | R] = (1 - rho0 - rho1)(R - 1), from the channel's two
+    conditional distributions."""
+    p_pos = {0: rho0, 1: 1 - rho1}  # P(R~ = 1 | R)
+    for clean in (0, 1):
+        e_hat = p_pos[clean] * backward_correction(1.0, rho0, rho1) + (1 - p_pos[clean]) * backward_correction(
+            0.0, rho0, rho1)
+        e_w = p_pos[clean] * forward_weights(1.0, rho1) + (1 - p_pos[clean]) * forward_weights(0.0, rho1)
+        assert e_hat == pytest.approx(clean, abs=1e-12)
+        assert e_w == pytest.approx((1 - rho0 - rho1) * (clean - 1), abs=1e-12)
+
+
+# ---- unbiasedness by simulation ---------------------------------------------------------------
+
+def test_backward_correction_is_unbiased_by_simulation():
+    """n = 200000 draws: clean R ~ Bernoulli(0.3), the seeded channel with rho0 = 0.15, rho1 = 0.25.
+    The corrected mean equals the clean mean within a 99.99% confidence interval (z = 3.9 on the
+    paired differences R^ - R), while the raw noisy mean is off by many standard errors."""
+    n = 200_000
+    gen = torch.Generator().manual_seed(1234)
+    clean = (torch.rand(n, generator=gen, dtype=torch.float64) < 0.3).double()
+    noisy, fps, fns = verifier_noise(clean.tolist(), [str(i) for i in range(n)], seed=7, step=1,
+                                     fp_rate=RHO0, fn_rate=RHO1)
+    noisy = torch.tensor(noisy, dtype=torch.float64)
+    # The channel's empirical rates match the configured ones (binomial 99.99% intervals).
+    neg, pos = int((clean == 0).sum()), int((clean == 1).sum())
+    fp_hat, fn_hat = sum(fps) / neg, sum(fns) / pos
+    assert abs(fp_hat - RHO0) < 3.9 * math.sqrt(RHO0 * (1 - RHO0) / neg)
+    assert abs(fn_hat - RHO1) < 3.9 * math.sqrt(RHO1 * (1 - RHO1) / pos)
+
+    corrected = backward_correction(noisy, RHO0, RHO1)
+    diff = corrected - clean
+    se = float(diff.std() / math.sqrt(n))
+    gap = float(diff.mean())
+    print(f"clean mean {float(clean.mean()):.5f}, noisy mean {float(noisy.mean()):.5f}, corrected mean "
+          f"{float(corrected.mean()):.5f}, gap {gap:+.5f}, SE {se:.5f}, 99.99% CI half-width {3.9 * se:.5f}")
+    assert abs(gap) < 3.9 * se
+    raw_gap = float((noisy - clean).mean())  # E = rho0 (1 - p) - rho1 p = 0.03: biased
+    assert abs(raw_gap) > 10 * float((noisy - clean).std() / math.sqrt(n))
+
+
+def test_forward_weights_align_with_the_clean_gradient_by_simulation():
+    """On the same channel, the mean weight is 0 on clean positives and -(1 - rho0 - rho1) on clean
+    negatives (99.99% intervals): the expected update is the clean gradient scaled by 1 - rho0 - rho1."""
+    n = 200_000
+    gen = torch.Generator().manual_seed(99)
+    clean = (torch.rand(n, generator=gen, dtype=torch.float64) < 0.4).double()
+    noisy, _, _ = verifier_noise(clean.tolist(), [f"k{i}" for i in range(n)], seed=3, step=5, fp_rate=RHO0,
+                                 fn_rate=RHO1)
+    w = forward_weights(torch.tensor(noisy, dtype=torch.float64), RHO1)
+    for label, expected in ((1.0, 0.0), (0.0, -(1 - RHO0 - RHO1))):
+        sel = w[clean == label]
+        se = float(sel.std() / math.sqrt(sel.numel()))
+        print(f"clean R={label:g}: mean w {float(sel.mean()):+.5f} (expected {expected:+.5f}, SE {se:.5f})")
+        assert abs(float(sel.mean()) - expected) < 3.9 * se
+
+
+# ---- bad rates rejected -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    (["reward.noise_fp_rate=-0.1"], "reward.noise_fp_rate"),
+    (["reward.noise_fn_rate=1.5"], "reward.noise_fn_rate"),
+    (["reward.noise_fp_rate=0.5", "reward.noise_fn_rate=0.5"], "reward.noise_fp_rate + reward.noise_fn_rate"),
+    (["reward.correction=backward", "reward.correction_fp_rate=-0.01"], "reward.correction_fp_rate"),
+    (["reward.correction=backward", "reward.correction_fn_rate=2"], "reward.correction_fn_rate"),
+    (["reward.correction=backward", "reward.correction_fp_rate=0.6", "reward.correction_fn_rate=0.4"],
+     "reward.correction_fp_rate + reward.correction_fn_rate"),
+    (["reward.correction=sideways"], "reward.correction"),
+])
+def test_bad_rates_rejected(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("+", r"\+")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("fp, fn", [(-0.1, 0.0), (0.0, 1.2), (0.5, 0.5), (0.9, 0.3), (math.nan, 0.0)])
+def test_bad_rates_rejected_by_the_functions(fp, fn):
+    with pytest.raises(ValueError):
+        check_noise_rates(fp, fn)
+    with pytest.raises(ValueError):
+        backward_correction(torch.zeros(2), fp, fn)
+
+
+def test_channel_takes_binary_rewards_only():
+    with pytest.raises(ValueError, match="0/1 rewards"):
+        verifier_noise([0.5], ["a"], seed=0, step=1, fp_rate=0.1, fn_rate=0.0)
+
+
+# ---- where the correction changes the update ----------------------------------------------------
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+GROUPS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def _inputs(algorithm: str, correction: str, rho0: float = RHO0, rho1: float = RHO1):
+    cfg = load_config(None, [f"algorithm.name={algorithm}", f"reward.correction={correction}",
+                             f"reward.correction_fp_rate={rho0}", f"reward.correction_fn_rate={rho1}"])
+    loss_cfg = cfg.loss_config(beta=0.1)
+    rewards, extra = advantage_inputs(REWARDS.clone(), GROUPS, loss_cfg, cfg)
+    return cfg, loss_cfg, rewards, extra
+
+
+def test_vimpo_target_backward_rescales_forward_drops_the_group_mean():
+    _, _, r0, e0 = _inputs("vimpo", "none")
+    _, _, rb, eb = _inputs("vimpo", "backward")
+    _, _, rf, ef = _inputs("vimpo", "forward")
+    target = lambda r, e: r - e["baseline"]  # noqa: E731  (the loss's y = R - b)
+    torch.testing.assert_close(target(rb, eb), target(r0, e0) / (1 - RHO0 - RHO1))
+    torch.testing.assert_close(target(rf, ef), REWARDS + RHO1 - 1)              # y = w(R~), baseline 0
+    assert torch.all(ef["baseline"] == 0)
+
+
+def test_dr_grpo_advantages_backward_rescales_forward_is_the_weight():
+    _, _, _, e0 = _inputs("dr_grpo", "none")
+    _, _, _, eb = _inputs("dr_grpo", "backward")
+    _, _, _, ef = _inputs("dr_grpo", "forward")
+    torch.testing.assert_close(eb["advantages"], e0["advantages"] / (1 - RHO0 - RHO1))
+    torch.testing.assert_close(ef["advantages"], REWARDS + RHO1 - 1)
+    # Had the forward weight been group-centred, it would be the uncorrected advantage exactly:
+    w = ef["advantages"]
+    centred = w - torch.stack([w[GROUPS == g].mean() for g in GROUPS])
+    torch.testing.assert_close(centred, e0["advantages"])
+
+
+def test_std_normalised_grpo_cancels_the_backward_correction():
+    """(R^ - mean) / (std(R^) + eps) = (R~ - mean) / (std(R~) + eps (1 - rho0 - rho1)): equal up to
+    the eps term, so under std normalisation the backward correction does (almost) nothing."""
+    _, _, _, e0 = _inputs("grpo", "none")
+    _, _, _, eb = _inputs("grpo", "backward")
+    torch.testing.assert_close(eb["advantages"], e0["advantages"], rtol=1e-5, atol=1e-6)
+    _, _, _, ef = _inputs("grpo", "forward")
+    torch.testing.assert_close(ef["advantages"], REWARDS + RHO1 - 1)  # forward bypasses the normalisation
+
+
+def _policy_grad(loss_cfg, rewards, extra):
+    gen = torch.Generator().manual_seed(0)
+    logprobs = (-torch.rand(8, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    ref = logprobs.detach() - 0.01 * torch.rand(8, 5, generator=gen, dtype=torch.float64)
+    mask = torch.ones(8, 5)
+    mask[1, 3:] = 0
+    loss, _ = vimpo_loss(logprobs, ref, None, mask, rewards.double(), GROUPS,
+                         config=loss_cfg.replace(kl_estimator="k3") if not loss_cfg.is_grpo_family else loss_cfg,
+                         **{k: v.double() for k, v in extra.items()})
+    (g,) = torch.autograd.grad(loss, logprobs)
+    return g
+
+
+@pytest.mark.parametrize("algorithm, scale", [("dr_grpo", 1 / (1 - RHO0 - RHO1)), ("grpo", 1.0)])
+def test_backward_changes_the_policy_gradient_where_it_should(algorithm, scale):
+    """On-policy, the GRPO-family gradient is linear in the advantage: Dr.GRPO's is scaled by
+    1 / (1 - rho0 - rho1), std-normalised GRPO's is unchanged (up to eps)."""
+    _, lc, r0, e0 = _inputs(algorithm, "none")
+    _, _, rb, eb = _inputs(algorithm, "backward")
+    torch.testing.assert_close(_policy_grad(lc, rb, eb), scale * _policy_grad(lc, r0, e0), rtol=1e-5, atol=1e-9)
+
+
+def test_forward_changes_the_grpo_gradient():
+    _, lc, r0, e0 = _inputs("grpo", "forward", rho1=0.0)
+    _, _, rn, en = _inputs("grpo", "none")
+    assert not torch.allclose(_policy_grad(lc, r0, e0), _policy_grad(lc, rn, en))
+
+
+def test_backward_changes_the_vimpo_loss():
+    _, lc, r0, e0 = _inputs("vimpo", "none")
+    _, _, rb, eb = _inputs("vimpo", "backward")
+    lc = lc.replace(adaptive_actor_coeff=False)
+    assert not torch.allclose(_policy_grad(lc, rb, eb), _policy_grad(lc, r0, e0))
+
+
+def test_no_correction_is_the_identity():
+    for algorithm in ("vimpo", "grpo", "dr_grpo"):
+        _, _, r, _ = _inputs(algorithm, "none", 0.0, 0.0)
+        assert torch.equal(r, REWARDS)
+
+
+# ---- the seeded channel ---------------------------------------------------------------------------
+
+def test_seeded_noise_is_reproducible():
+    clean = [float(i % 2) for i in range(400)]
+    keys = [f"0-{i // 4}-{i % 4}" for i in range(400)]
+    a = verifier_noise(clean, keys, seed=5, step=3, fp_rate=0.3, fn_rate=0.2)
+    b = verifier_noise(clean, keys, seed=5, step=3, fp_rate=0.3, fn_rate=0.2)
+    assert a == b
+    assert a != verifier_noise(clean, keys, seed=6, step=3, fp_rate=0.3, fn_rate=0.2)
+    assert a != verifier_noise(clean, keys, seed=5, step=4, fp_rate=0.3, fn_rate=0.2)
+    noisy, fps, fns = a
+    assert sum(fps) > 0 and sum(fns) > 0
+    assert all(not (fp and c == 1.0) and not (fn and c == 0.0) for c, fp, fn in zip(clean, fps, fns))
+    assert verifier_noise(clean, keys, seed=5, step=3, fp_rate=0.0, fn_rate=0.0) == (clean, [False] * 400,
+                                                                                        [False] * 400)
+
+
+def _train_rows(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("correction", ["backward", "forward"])
+def test_training_logs_raw_and_corrected_rewards(tiny, tmp_path, test_rewards_on_path, correction):
+    """End to end: the noisy verifier and a correction in `vimpo train`; the same seed gives the
+    same noise and the same metrics; the raw / corrected means are logged."""
+    common = ["algorithm.name=dr_grpo", "train.steps=2", "train.checkpoint_every=100", "train.eval_every=100",
+              "reward.fn=reward_fns_for_tests:first_digit_odd", "reward.noise_fp_rate=0.3",
+              "reward.noise_fn_rate=0.3", "reward.noise_seed=11", f"reward.correction={correction}",
+              "reward.correction_fp_rate=0.3", "reward.correction_fn_rate=0.3"]
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny(*common, out=tmp_path / name)
+        train(cfg)
+        runs.append(_train_rows(Path(cfg.train.output_dir) / "metrics.jsonl"))
+    keys = ("reward_mean", "reward_raw_mean", "reward_corrected_mean", "false_positive_frac",
+            "false_negative_frac", "loss")
+    assert [[r[k] for k in keys] for r in runs[0]] == [[r[k] for k in keys] for r in runs[1]]
+    for r in runs[0]:
+        assert math.isfinite(r["loss"])
+        expected = ((r["reward_raw_mean"] - 0.3) / 0.4 if correction == "backward"
+                    else r["reward_raw_mean"] + 0.3 - 1)
+        assert r["reward_corrected_mean"] == pytest.approx(expected, abs=1e-6)
+    assert sum(r["false_positive_frac"] + r["false_negative_frac"] for r in runs[0]) > 0
