@@ -59,6 +59,10 @@ def train(cfg: Config) -> dict:
     if cfg.train.prompts_per_step % env.world:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of the "
                           f"{env.world} processes (every rank runs the same number of micro-batches)")
+    if cfg.algorithm.name == "gn_ivo" and (cfg.train.prompts_per_step // env.world) % cfg.train.mini_batches:
+        raise ConfigError(f"algorithm.name=gn_ivo needs whole groups in every mini-batch: train.mini_batches="
+                          f"{cfg.train.mini_batches} must divide each of the {env.world} processes' "
+                          f"{cfg.train.prompts_per_step // env.world} prompts (train.prompts_per_step / processes)")
     out = Path(cfg.train.output_dir)
     resume_from = _resume_point(out, cfg.train.resume)
     log = Logger(out, env.is_main, cfg.train.progress, resume_step=resume_from and ckpt_step(resume_from))
