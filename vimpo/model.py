@@ -116,10 +116,6 @@ class SequenceBatch:
     def position_ids(self) -> torch.Tensor:
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def rows(self, index: torch.Tensor) -> "SequenceBatch":
-        return SequenceBatch(self.input_ids[index], self.attention_mask[index], self.prompt_width,
-                             self.targets[index], self.mask[index])
-
 
 def response_hidden(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """(B, T, H) final hidden states that score the response tokens (shifted by one)."""

@@ -321,6 +321,11 @@ def validate(cfg: Config) -> None:
     _choice("algorithm.recipe", cfg.algorithm.recipe, RECIPES)
     if not cfg.algorithm.beta_per_sequence > 0:
         raise ConfigError(f"algorithm.beta_per_sequence must be > 0, got {cfg.algorithm.beta_per_sequence!r}")
+    if "temperature" in cfg.algorithm.loss and cfg.algorithm.loss["temperature"] != cfg.rollout.temperature:
+        # The loss must score the tokens under the distribution they were sampled from.
+        raise ConfigError(f"algorithm.loss.temperature={cfg.algorithm.loss['temperature']!r} differs from "
+                          f"rollout.temperature={cfg.rollout.temperature!r}: the loss uses the sampling "
+                          "temperature; set rollout.temperature instead")
     if loss.adaptive_actor_coeff and loss.is_grpo_family:
         raise ConfigError("algorithm.loss.adaptive_actor_coeff=true applies to algorithm.name=vimpo only")
     if cfg.algorithm.name == "gn_ivo":

@@ -127,7 +127,7 @@ def train(cfg: Config) -> dict:
             loss_cfg = cfg.loss_config(run.beta)
             log.message(f"beta = {cfg.algorithm.beta_per_sequence:g} / {mean_length:.2f} (mean response length "
                         f"of step {step}) = {run.beta:.4g}")
-        stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer,
+        stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer.pad_token_id,
                        run.adaptive)
         rollout.update_weights(policy)
         row = {**reward_stats, **stats, "lr": scheduler.get_last_lr()[0], "response_length": mean_length,
@@ -188,8 +188,7 @@ class RunState:
 
 
 def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_cfg, cfg: Config, env,
-           tokenizer, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None) -> dict:
-    pad = tokenizer.pad_token_id
+           pad: int, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None) -> dict:
     raw_mean = env.all_mean(float(rewards.mean()))
     rewards, extra = advantage_inputs(rewards, group_ids, loss_cfg, cfg)
     sums: dict[str, float] = {}
@@ -216,7 +215,7 @@ def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_c
             for micro in mb.split(cfg.train.micro_batch_size):
                 batch = build_batch(roll, micro.tolist(), pad, env.device)
                 kwargs = {k: v[micro] for k, v in extra.items()}
-                kwargs.update({k: _pad_to(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
+                kwargs.update({k: _to_width(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
                 loss, metrics = net(batch, rewards[micro], group_ids[micro], config=step_cfg,
                                     backend=cfg.algorithm.backend, num_tokens=num_tokens,
                                     num_sequences=num_sequences, process_group=env.group,
@@ -301,7 +300,7 @@ def adaptive_coefficient(net, roll: Rollouts, mb, rewards, group_ids, extra: dic
         batch = build_batch(roll, micro.tolist(), pad, env.device)
         stats = net(batch, config=loss_cfg, backend=cfg.algorithm.backend, token_stats=True)
         kw = {k: v[micro] for k, v in extra.items()}
-        kw.update({k: _pad_to(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
+        kw.update({k: _to_width(v[micro], batch.targets.shape[1]) for k, v in behaviour.items()})
         sums += adaptive.micro_batch_sums(stats, batch.mask, rewards[micro], group_ids[micro], loss_cfg,
                                           num_tokens=num_tokens, num_sequences=num_sequences,
                                           process_group=env.group, **kw).cpu()
@@ -340,8 +339,12 @@ def behaviour_logprobs(net, roll: Rollouts, rows, cfg: Config, loss_cfg, env, pa
     return {k: v.to(env.device) for k, v in out.items()}
 
 
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    return x[:, :width]
+def _to_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Step-wide (rows, T_step) per-token values at a micro-batch's response width: the columns
+    past its longest response are padding and are dropped; a narrower input is zero-padded."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
 
 def build_batch(roll: Rollouts, rows: list[int], pad: int, device) -> SequenceBatch:

@@ -67,7 +67,7 @@ def test_coefficient_and_update_do_not_depend_on_micro_batching(tiny, micro):
         opt = torch.optim.AdamW(net.policy.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         state = adaptive.AdaptiveCoeff()
-        stats = update(net, opt, sched, roll, rewards, groups, loss_cfg, cfg, DistEnv(), tok, state)
+        stats = update(net, opt, sched, roll, rewards, groups, loss_cfg, cfg, DistEnv(), tok.pad_token_id, state)
         results[size] = (stats["actor_coeff"], state.ema_value, state.ema_actor,
                          [p.detach().clone() for p in net.policy.parameters()])
     (c1, v1, a1, p1), (c2, v2, a2, p2) = results[16], results[micro]

@@ -110,3 +110,13 @@ def test_recipes():
     assert load_config(None, ["algorithm.name=grpo"]).loss_config(beta=0.25) == VIMPOConfig.for_algorithm("grpo")
     with pytest.raises(ConfigError, match="algorithm.recipe must be one of"):
         load_config(None, ["algorithm.recipe=fast"])
+
+
+def test_a_loss_temperature_other_than_the_sampling_one_is_refused(tiny):
+    """The loss scores tokens under the distribution they were sampled from: a different
+    algorithm.loss.temperature is an error naming both keys, not a silent override."""
+    from vimpo.train_config import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithm.loss.temperature=0.5 differs from rollout.temperature"):
+        tiny("algorithm.loss={temperature: 0.5}")
+    assert tiny("rollout.temperature=0.7", "algorithm.loss={temperature: 0.7}").loss_config().temperature == 0.7
