@@ -115,7 +115,8 @@ class CollapseMonitor:
                     "own drift. Use algorithm.recipe=default (beta scaled by the response length), or raise "
                     "algorithm.loss.beta, or lower algorithm.loss.actor_coeff")
         return ("Likely cause: the actor term outweighs the implicit value's fit; lower "
-                "algorithm.adaptive_alpha / algorithm.loss.actor_coeff or optim.lr, or raise algorithm.beta_per_sequence")
+                "algorithm.loss.adaptive_alpha (or algorithm.loss.actor_coeff) or optim.lr, "
+                "or raise algorithm.beta_per_sequence")
 
     # ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

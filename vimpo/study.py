@@ -336,7 +336,8 @@ def plot_study(rows: list[dict], path: Path) -> Path:
 
 
 TRACE_PANELS = (("reward_mean", "train reward"), ("kl_mean", "KL to reference (nats/token)"),
-                ("value_fit", "value fit 1 - sum e^2 / sum target^2"), ("adv_raw_rms", "advantage RMS before whitening"),
+                ("value_fit", "value fit 1 - sum e^2 / sum target^2"),
+                ("adv_raw_rms", "advantage RMS before whitening"),
                 ("response_length", "response length (tokens)"), ("actor_coeff", "actor coefficient c_A"))
 
 
@@ -383,8 +384,9 @@ def trace_table(runs: dict[str, Path]) -> str:
         raw = _mean([r.get("adv_raw_rms") for r in train[1:]])
         std = _mean([r.get("adv_std") for r in train[1:]])
         beta = train[-1].get("beta")
-        warn = next((w.split(": ")[0] + ": " + w.split(": ")[1].split(" ")[0] for r in train for w in r.get("warnings", [])
-                     if "COLLAPSE" in w), "no warning" if not any(r.get("warnings") for r in train) else "warned")
+        collapse = [w for r in train for w in r.get("warnings", []) if "COLLAPSE" in w]
+        warned = "warned" if any(r.get("warnings") for r in train) else "no warning"
+        warn = collapse[0].split(": ")[0] + ": COLLAPSE" if collapse else warned
         lines.append(
             f"| {label} | {beta:.3g} | {_mean([r.get('actor_coeff') for r in train[1:]]):.2g} | "
             f"{evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f} | "

@@ -66,7 +66,8 @@ def tiny_model_config(hidden_size: int = 128, layers: int = 2, heads: int = 4, m
     return LlamaConfig(
         vocab_size=len(SPECIALS) + len(TASK_SYMBOLS[task]), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=max_positions or TASK_MAX_POSITIONS[task], tie_word_embeddings=True, pad_token_id=PAD_ID,
+        max_position_embeddings=max_positions or TASK_MAX_POSITIONS[task], tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, rms_norm_eps=1e-5)
 
 

@@ -91,3 +91,23 @@ def test_local_dataset_folder_goes_through_datasets(tmp_path):
     assert len(train) == 6 and evals == [{"prompt": "9+9=", "answer": "18"}]
     with pytest.raises(ValueError, match="could not load dataset .* split 'validation'"):
         load_records(str(folder), "validation", cfg, "data.eval")
+
+
+def test_carry_task_answers_are_long_exact_and_split():
+    assert toy.carry_solution(47, 285) == "7+5+0=12;4+8+1=13;0+2+1=03;332"
+    assert toy.carry_solution(47, 285, forget_carries=True) == "7+5+0=12;4+8+0=12;0+2+0=02;222"
+    assert toy.carry_solution(999, 999) == "9+9+0=18;9+9+1=19;9+9+1=19;1998"
+    train = toy.problems("train", teacher_error=0.6, task="carry")
+    held = toy.eval_problems(0, 300, task="carry")
+    assert len(train) == toy.CARRY_TRAIN_SIZE and len(held) == 300
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held)
+    assert all(24 <= len(r["answer"]) <= 31 for r in train + held), "answers of >= 24 tokens"
+    wrong = sum(r["demo"] != r["answer"] for r in train) / len(train)
+    assert 0.3 < wrong < 0.5, "the sloppy teacher forgets carries on 60% of the pairs (those with a carry differ)"
+    assert toy.problems("train", teacher_error=0.6, task="carry") == train, "a fixed list"
+    tok = toy.build_tokenizer("carry")
+    r = train[0]
+    ids = tok(r["prompt"] + r["answer"]).input_ids
+    assert ids[0] == toy.BOS_ID and len(ids) == 1 + len(r["prompt"]) + len(r["answer"]), "one token per character"
+    assert tok.decode(ids, skip_special_tokens=True) == r["prompt"] + r["answer"]
+    assert toy.toy_reward([r["prompt"]], [r["answer"]], [r["answer"]]) == [1.0]
