@@ -3,28 +3,20 @@ table of the doc is the tool's current output, and the model says what the doc c
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "roofline.md"
 TOOL = REPO / "bench" / "tools" / "roofline.py"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-roofline = _load("roofline")
+roofline = load_tool("roofline")
 
 
 @pytest.mark.parametrize("section", roofline.SECTIONS)
