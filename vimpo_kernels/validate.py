@@ -80,6 +80,9 @@ def check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids
             check_tensor(name, x, floating=True, shape=shape, device=dev)
     if config.value_type == "soft" and not config.is_grpo_family and old_token_kl is None:
         raise ValueError("value_type='soft' needs old_token_kl (the detached old-policy KL per token)")
+    if old_token_kl is not None and (config.value_type != "soft" or config.is_grpo_family):
+        # Refused rather than ignored: the reference and the compiled epilogue then agree.
+        raise ValueError("old_token_kl= applies to value_type='soft' only; this config does not read it")
     if baseline is not None:
         check_tensor("baseline", baseline, floating=True, shape=(B,), device=dev)
     implicit = config.spec.advantage == "implicit"

@@ -148,3 +148,19 @@ def test_bad_config_names_the_field(field, value):
 def test_golden_case_mapping_rejects_unknown_knobs():
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         config_from_case({"beta": 0.1, "bogus": 1})
+
+
+def test_old_token_kl_outside_the_soft_value_type_is_refused():
+    """Both epilogues refuse it the same way (the compiled one would otherwise raise a bare
+    TypeError and the reference silently ignore it)."""
+    lp = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="old_token_kl= applies to value_type='soft'"):
+        vimpo_loss(lp, lp, lp, mask, torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0, 0]),
+                   config=VIMPOConfig(), old_token_kl=lp)
+
+
+def test_the_forward_gradient_route_refuses_a_loss_it_does_not_implement():
+    from vimpo_kernels.vimpo_loss.forward_grad import forward_grad_loss
+    with pytest.raises(ValueError, match="not algorithm='cispo'"):
+        forward_grad_loss(None, None, None, torch.ones(1, 1), None, None, config=VIMPOConfig.for_algorithm("cispo"))

@@ -11,6 +11,7 @@ from ..stats import TokenStats
 from ..validate import check_target_range, check_token_stats_inputs
 from .reference import linear_logprobs_reference
 
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -57,7 +58,7 @@ def fused_linear_logprobs(
         inputs). Gradients flow to hidden, weight and bias through logprobs, entropy and kl.
     """
     lead = check_token_stats_inputs(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                         kl, mask)
+                                    kl, mask)
     if (kl == "candidate_set") != (topk != 0) or not isinstance(topk, int) or topk < 0:
         raise ValueError(f"topk must be a positive int with kl='candidate_set' and 0 otherwise, got topk={topk!r} "
                          f"with kl={kl!r}")

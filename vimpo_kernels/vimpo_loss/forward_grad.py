@@ -76,14 +76,17 @@ class _GrpoForwardGrad(torch.autograd.Function):
 
 
 def forward_grad_loss(hidden, weight, targets, mask, rewards, group_ids, *, bias=None,
-                              ref_logprobs=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                              old_logprobs=None, rollout_is_weights=None, config: VIMPOConfig,
-                              backend: str = "cpu", **loss_kwargs: Any) -> tuple[torch.Tensor, dict]:
-    """GRPO / Dr.GRPO / DAPO loss of `fused_vimpo_loss` on the compiled backends, with the
-    gradients formed in the forward chunk loop. Arguments as `fused_vimpo_loss`; every input
-    is validated before the kernel runs."""
-    if not config.spec.separable:
-        raise ValueError(f"the forward-gradient route serves per-token-separable losses, got "
+                      ref_logprobs=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                      old_logprobs=None, rollout_is_weights=None, config: VIMPOConfig,
+                      backend: str = "cpu", **loss_kwargs: Any) -> tuple[torch.Tensor, dict]:
+    """A separable loss whose per-token coefficient the compiled kernels implement (the
+    registry's `forward_kernel`, today "ppo_clip": GRPO, Dr.GRPO, DAPO, BNPO) on the compiled
+    backends, with the gradients formed in the forward chunk loop. Arguments as
+    `fused_vimpo_loss`; every input is validated before the kernel runs."""
+    kernels = _backends.BACKEND_TABLE[backend].forward_kernels
+    if not (config.spec.separable and config.spec.forward_kernel in kernels):
+        # Any other loss would get the right value and the wrong (PPO-clip) gradient.
+        raise ValueError(f"the forward-gradient route of backend {backend!r} implements {kernels}, not "
                          f"algorithm={config.algorithm!r}")
     B, T = mask.shape
     valid = mask.bool()
