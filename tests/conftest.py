@@ -1,7 +1,17 @@
 """Shared fixtures: the golden vectors (tests/golden_data.py) and the golden count in the
 summary, so a run says how many of the authors' cases it checked."""
 
+import os
+
+from hypothesis import settings
+
 from golden_data import golden_cases, load_golden, rel_err  # noqa: F401  (re-exported for tests)
+
+# Property tests draw the same examples on every run by default, so `make test` and CI give
+# one answer per commit; VIMPO_HYPOTHESIS=explore draws fresh ones (and 10x as many) to hunt.
+settings.register_profile("repeatable", derandomize=True, max_examples=15)
+settings.register_profile("explore", max_examples=300)
+settings.load_profile(os.environ.get("VIMPO_HYPOTHESIS", "repeatable"))
 
 _golden_outcomes: dict[str, int] = {}
 

@@ -29,10 +29,17 @@ def loss_and_grad(b, cfg):
     logits = b.logits.clone().requires_grad_()
     kl = "exact" if cfg.needs_exact_kl else None
     stats = token_stats_from_logits(logits, b.targets, ref_logits=b.ref_logits, kl=kl)
-    loss, _ = vimpo_loss(stats.logprobs, stats.ref_logprobs, stats.kl, b.mask, b.rewards, b.group_ids,
-                         old_logprobs=b.old_logprobs, config=cfg)
+    loss, metrics = vimpo_loss(stats.logprobs, stats.ref_logprobs, stats.kl, b.mask, b.rewards, b.group_ids,
+                               old_logprobs=b.old_logprobs, config=cfg)
     loss.backward()
-    return loss.detach(), logits.grad
+    return loss.detach(), logits.grad, _loss_scale(metrics)
+
+
+def _loss_scale(metrics):
+    """The loss is a sum of parts (value loss + c_A * actor loss, policy + KL terms) that can
+    cancel to far below each part (a 7e-6 loss from 1.06e-3 - 1.05e-3 was seen), so the loss's
+    rounding is relative to its largest part, not to itself."""
+    return max(abs(float(v)) for k, v in metrics.items() if k.endswith("loss"))
 
 
 @st.composite
@@ -51,42 +58,42 @@ def ragged_batches(draw):
     return lengths, group_ids, seed
 
 
-def _close(a, b):
-    scale = max(float(b.abs().max()), 1e-30)
+def _close(a, b, scale=None):
+    scale = max(float(b.abs().max()) if scale is None else scale, 1e-30)
     return float((a - b).abs().max()) <= TOL * scale
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=ragged_batches(), extra=st.integers(1, 4))
 def test_padding_length_invariance(name, data, extra):
     lengths, group_ids, seed = data
     b = random_batch(lengths, group_ids, T=max(max(lengths), 2), seed=seed)
-    l1, g1 = loss_and_grad(b, CONFIGS[name])
-    l2, g2 = loss_and_grad(pad_to(b, b.mask.shape[1] + extra), CONFIGS[name])
-    assert _close(l2, l1)
+    l1, g1, s1 = loss_and_grad(b, CONFIGS[name])
+    l2, g2, _ = loss_and_grad(pad_to(b, b.mask.shape[1] + extra), CONFIGS[name])
+    assert _close(l2, l1, s1)
     assert _close(g2[:, : g1.shape[1]], g1)
     assert float(g2[:, g1.shape[1]:].abs().max()) == 0.0  # padding gets exactly zero gradient
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=ragged_batches(), perm_seed=st.integers(0, 1000))
 def test_group_and_member_order_invariance(name, data, perm_seed):
     """Shuffling rows reorders groups and the responses inside a group at once; a second
     check keeps each group's block but shuffles members only."""
     lengths, group_ids, seed = data
     b = random_batch(lengths, group_ids, seed=seed)
-    l1, g1 = loss_and_grad(b, CONFIGS[name])
+    l1, g1, s1 = loss_and_grad(b, CONFIGS[name])
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(perm_seed))
-    l2, g2 = loss_and_grad(permute(b, order), CONFIGS[name])
-    assert _close(l2, l1)
+    l2, g2, _ = loss_and_grad(permute(b, order), CONFIGS[name])
+    assert _close(l2, l1, s1)
     assert _close(g2, g1[order])
     # Members only: sort rows by (group id, random key).
     keys = torch.rand(len(lengths), generator=torch.Generator().manual_seed(perm_seed + 1))
     within = sorted(range(len(lengths)), key=lambda i: (group_ids[i], float(keys[i])))
-    l3, g3 = loss_and_grad(permute(b, within), CONFIGS[name])
-    assert _close(l3, l1)
+    l3, g3, _ = loss_and_grad(permute(b, within), CONFIGS[name])
+    assert _close(l3, l1, s1)
     assert _close(g3, g1[torch.tensor(within)])
 
 
