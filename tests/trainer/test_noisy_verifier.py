@@ -1,6 +1,7 @@
-"""Noisy-verifier corrections (docs/math.md, "Noisy-verifier corrections"): the formulas on hand
-cases, unbiasedness by simulation, bad rates rejected, where the correction changes the update,
-and the seeded per-sample noise channel."""
+"""Noisy-verifier corrections (docs/math.md, "Noisy-verifier corrections"; Cai et al., arXiv
+2510.00915): the formulas on hand cases, unbiasedness by simulation, bad rates rejected, where the
+correction changes the update, the paper's GRPO-family coefficients (its Appendix B), its online
+false-negative rate by appeals (Eqs. (10)-(12)), and the seeded per-sample noise channel."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vimpo.rewards import backward_correction, check_noise_rates, forward_weights, verifier_noise
+from vimpo.rewards import (FNRateAppeals, backward_correction, check_noise_rates, corrected_advantages,
+                           correction_selfcheck, forward_weights, leave_one_out_mean, verifier_noise)
 from vimpo.train_config import ConfigError, load_config
 from vimpo.trainer import advantage_inputs, train
 from vimpo_kernels.vimpo_loss import vimpo_loss
@@ -209,6 +211,159 @@ def test_no_correction_is_the_identity():
         _, _, r, _ = _inputs(algorithm, "none", 0.0, 0.0)
         assert torch.equal(r, REWARDS)
 
+
+
+# ---- the paper's GRPO-family coefficients (Appendix B.2-B.4, Algorithm 4) ----------------------
+
+def test_leave_one_out_mean_hand_cases():
+    values = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 2.0, 4.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 0, 9, 3, 3])
+    want = [1 / 3, 2 / 3, 2 / 3, 1 / 3, 0.0, 4.0, 2.0]  # a one-member group (9) gets 0
+    assert leave_one_out_mean(values, groups).tolist() == pytest.approx(want, abs=1e-15)
+    with pytest.raises(ValueError, match="group_ids"):
+        leave_one_out_mean(values, groups[:3])
+
+
+def test_corrected_advantages_hand_cases():
+    """backward: R^_i minus the mean of R^ over the rest of the group = K / (K - 1) times the
+    group-centred R^; forward: w(R~), no baseline (the paper's B.3 default, unit scale)."""
+    kappa = 1 / (1 - RHO0 - RHO1)
+    a_b = corrected_advantages(REWARDS, GROUPS, "backward", RHO0, RHO1)
+    centred = REWARDS - torch.stack([REWARDS[GROUPS == g].mean() for g in GROUPS])
+    torch.testing.assert_close(a_b, kappa * 4 / 3 * centred)
+    torch.testing.assert_close(corrected_advantages(REWARDS, GROUPS, "forward", RHO0, RHO1), REWARDS + RHO1 - 1)
+    with pytest.raises(ValueError, match="correction"):
+        corrected_advantages(REWARDS, GROUPS, "none", RHO0, RHO1)
+
+
+def test_corrected_advantages_survive_where_the_group_z_score_cancels():
+    """Appendix B.4: an affine map of a 0/1 reward fed to the current group's z-score gives the
+    uncorrected advantage again (numerically, up to eps); the paper's coefficients do not."""
+    def z_score(u):
+        mean = torch.stack([u[GROUPS == g].mean() for g in GROUPS])
+        std = torch.stack([u[GROUPS == g].std() for g in GROUPS])
+        return (u - mean) / (std + 1e-6)
+    noisy = z_score(REWARDS)
+    torch.testing.assert_close(z_score(backward_correction(REWARDS, RHO0, RHO1)), noisy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_score(forward_weights(REWARDS, RHO1)), noisy, rtol=1e-5, atol=1e-6)
+    for correction in ("backward", "forward"):
+        assert not torch.allclose(corrected_advantages(REWARDS, GROUPS, correction, RHO0, RHO1), noisy, atol=1e-3)
+
+
+def test_leave_one_out_keeps_the_clean_gradient_unscaled_by_simulation():
+    """A one-parameter bandit: action 1 (correct, R = 1) with probability p = 0.35, score function
+    G = a - p, clean gradient dE[R]/dtheta = p (1 - p). Through the channel, the mean over groups of
+    (1/K) sum_i a_i G_i is the clean gradient for the backward coefficient (leave-one-out baseline,
+    the paper's B.2), (1 - 1/K) times it with the own-group mean (its Proposition A.1), and
+    (1 - rho0 - rho1) times it for the forward coefficient (Theorem 3.5). 100000 groups of K = 4;
+    99.99% intervals."""
+    n, K, p = 100_000, 4, 0.35
+    gen = torch.Generator().manual_seed(2510)
+    act = (torch.rand(n, K, generator=gen, dtype=torch.float64) < p).double()
+    u = torch.rand(n, K, generator=gen, dtype=torch.float64)
+    noisy = torch.where(act == 1, (u >= RHO1).double(), (u < RHO0).double())
+    score_fn, clean_grad = act - p, p * (1 - p)
+    groups = torch.arange(n).repeat_interleave(K)
+    corrected = backward_correction(noisy, RHO0, RHO1)
+    own_mean = corrected - corrected.mean(1, keepdim=True)
+    cases = {
+        "backward, leave-one-out": (corrected_advantages(noisy.flatten(), groups, "backward", RHO0, RHO1).view(n, K),
+                                    1.0),
+        "backward, own-group mean": (own_mean, 1 - 1 / K),
+        "forward": (corrected_advantages(noisy.flatten(), groups, "forward", RHO0, RHO1).view(n, K),
+                    1 - RHO0 - RHO1),
+    }
+    for name, (coeff, factor) in cases.items():
+        per_group = (coeff * score_fn).mean(1)
+        se = float(per_group.std() / math.sqrt(n))
+        gap = float(per_group.mean()) - factor * clean_grad
+        print(f"{name}: mean update {float(per_group.mean()):.5f}, expected {factor * clean_grad:.5f}, SE {se:.5f}")
+        assert abs(gap) < 3.9 * se, name
+
+
+# ---- the online false-negative rate by appeals (Eqs. (10)-(12)) ---------------------------------
+
+def test_appeals_estimate_hand_cases():
+    est = FNRateAppeals(appeal_prob=0.25, ema_decay=0.5)
+    assert est.rate is None
+    # Eq. (10): FN^ = 2 / 0.25 = 8; Eq. (11): 8 / (8 + 12) = 0.4; the first step starts the EMA.
+    assert est.update(positives=12, overturned=2) == pytest.approx(0.4, abs=1e-6)
+    # FN^ = 0: rho1^ = a / (positives + 2a) ~ 0; Eq. (12): 0.5 * 0.4 + 0.5 * 0 = 0.2.
+    assert est.update(positives=30, overturned=0) == pytest.approx(0.2, abs=1e-6)
+    # No positives and no overturned appeal: the pseudocounts give 1/2 instead of 0/0.
+    assert FNRateAppeals().update(positives=0, overturned=0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"appeal_prob": 0.0}, "appeal_prob"), ({"appeal_prob": 1.5}, "appeal_prob"),
+                                          ({"ema_decay": 1.0}, "ema_decay"), ({"pseudocount": 0.0}, "pseudocount")])
+def test_appeals_bad_settings_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FNRateAppeals(**kwargs)
+
+
+def test_appeals_select_negatives_only_seeded():
+    rewards = [float(i % 3 == 0) for i in range(3000)]
+    keys = [f"0-{i}" for i in range(3000)]
+    est = FNRateAppeals(appeal_prob=0.2)
+    chosen = est.select(rewards, keys, seed=4, step=7)
+    assert chosen == est.select(rewards, keys, seed=4, step=7)
+    assert chosen != est.select(rewards, keys, seed=4, step=8)
+    assert all(rewards[i] == 0.0 for i in chosen)
+    negatives = rewards.count(0.0)
+    assert abs(len(chosen) / negatives - 0.2) < 3.9 * math.sqrt(0.2 * 0.8 / negatives)
+    assert FNRateAppeals(appeal_prob=1.0).select(rewards, keys, seed=0, step=0) == [
+        i for i, r in enumerate(rewards) if r == 0.0]
+    with pytest.raises(ValueError, match="0/1 rewards"):
+        est.select([0.5], ["k"], seed=0, step=0)
+
+
+def test_appeals_count_is_unbiased_and_the_estimate_converges():
+    """A rule checker with a true false-negative rate of 0.3: 1400 correct answers of which 420 are
+    scored 0, plus 600 wrong ones. The re-check overturns exactly the false negatives. Over 200
+    steps the Horvitz-Thompson count |overturned| / q (q = 0.1) averages to 420 within a 99.99%
+    interval, and the smoothed estimate ends near rho1 = 0.3."""
+    correct = [True] * 1400 + [False] * 600
+    rule = [0.0 if i < 420 else 1.0 for i in range(1400)] + [0.0] * 600
+    keys = [f"s{i}" for i in range(len(rule))]
+    est = FNRateAppeals(appeal_prob=0.1)
+    counts = []
+    for step in range(200):
+        chosen = est.select(rule, keys, seed=1, step=step)
+        overturned = sum(correct[i] for i in chosen)
+        counts.append(overturned / est.appeal_prob)
+        est.update(positives=int(sum(rule)), overturned=overturned)
+    mean = sum(counts) / len(counts)
+    se = (sum((c - mean) ** 2 for c in counts) / (len(counts) - 1) / len(counts)) ** 0.5
+    print(f"HT count mean {mean:.1f} (true 420, SE {se:.1f}); smoothed rho1 {est.rate:.3f}")
+    assert abs(mean - 420) < 3.9 * se
+    assert abs(est.rate - 0.3) < 0.05  # one step's estimate has SD ~0.03; the EMA averages ~19 steps
+
+
+def test_appeals_run_the_recheck_under_the_failure_policy():
+    """`appeal` re-checks only the selected negatives; a re-check that raises counts as not
+    overturned and as an appeal error."""
+    seen = []
+
+    def recheck(prompts, completions, answers):
+        seen.extend(completions)
+        if "boom" in completions:
+            raise RuntimeError("boom")
+        return [1.0 if c.startswith("ok") else 0.0 for c in completions]
+
+    rewards = [0.0, 1.0, 0.0, 0.0, 1.0]
+    completions = ["ok-a", "ok-b", "bad", "boom", "ok-c"]
+    est = FNRateAppeals(appeal_prob=1.0)
+    stats = est.appeal(recheck, ["p"] * 5, completions, ["a"] * 5, rewards, [str(i) for i in range(5)],
+                       seed=0, step=0)
+    assert set(seen) <= {"ok-a", "bad", "boom"}
+    assert stats["appeals"] == 3 and stats["appeals_overturned"] == 1 and stats["appeal_errors"] == 1
+    assert stats["fn_rate_estimate"] == pytest.approx(1 / 3, abs=1e-5)  # FN^ = 1, 2 rule positives
+
+
+def test_correction_selfcheck_passes():
+    """What `vimpo selftest` reports as its `rewards` lines."""
+    assert [(name, ok) for name, ok, _ in correction_selfcheck()] == [
+        ("correction-formulas", True), ("correction-unbiased", True), ("correction-appeals", True)]
 
 # ---- the seeded channel ---------------------------------------------------------------------------
 
