@@ -1,14 +1,20 @@
-"""`vimpo study`: algorithms x reward noise x seeds x built-in tasks, one JSONL row per run.
+"""`vimpo study`: algorithms x reward noise x verifier corrections x seeds x built-in tasks,
+one JSONL row per run.
 
     vimpo study --preset quick                   # <= 15 min on 2 cores (CI's slow tier)
     vimpo study --preset full --workers 2        # the grid of docs/study.md
+    vimpo study --preset families --workers 2    # GN-IVO and the noisy-verifier corrections
     vimpo study --preset full --report-only      # table and plots from the JSONL alone
 
 Every run is `vimpo train` in its own process (a crash is one failed row, not a dead grid),
 from a supervised warm start made once per task x seed and shared by every algorithm and noise
-level of that pair (`<out>/cache/`). Reward noise flips whole groups of 0/1 rewards with
-probability p (`reward.noise_flip_prob`, the authors' rule), with the run's seed as the noise
-seed; evaluation always uses the clean reward. Rows are appended to `<out>/results.jsonl` as
+level of that pair (`<out>/cache/`). The algorithms are the kernels' registry
+(`vimpo_kernels.ALGORITHMS`). Two reward-noise axes, both seeded by the run's seed and both for
+training only (evaluation always uses the clean reward): group flips of the 0/1 rewards with
+probability p (`reward.noise_flip_prob`, the authors' rule), and a noisy verifier with
+false-positive / false-negative rates (`reward.noise_fp_rate` / `noise_fn_rate`), under which
+each correction of the preset runs (`reward.correction`, assuming the channel's true rates).
+Rows are appended to `<out>/results.jsonl` as
 runs finish; a rerun skips every run that has a row, so an interrupted grid resumes (a run
 that was cut off starts over). Then `<out>/summary.md` (the table) and `<out>/accuracy.png`
 (held-out accuracy vs step, mean and min-max over seeds, one panel per task x noise).
@@ -30,9 +36,17 @@ from typing import Optional
 
 import yaml
 
-from .plot import read_metrics
+from vimpo_kernels.algorithms import ALGORITHMS as REGISTRY
 
-ALGORITHMS = ("vimpo", "grpo", "dr_grpo", "dapo")
+from .plot import read_metrics
+from .rewards import CORRECTIONS
+
+ALGORITHMS = tuple(REGISTRY)
+"""Every algorithm the study can run: the kernels' registry, in its order (tables and plots
+follow it)."""
+BASELINE_ALGORITHMS = ("vimpo", "grpo", "dr_grpo", "dapo")
+"""The grid of docs/study.md ("The study"); the family presets add the rest of the registry."""
+CLEAN = (0.0, 0.0)
 COLLAPSE_MARGIN = 0.05
 """A run collapsed when its final held-out accuracy is below its start minus this."""
 
@@ -60,8 +74,15 @@ TASKS: dict[str, dict] = {
 @dataclass
 class Preset:
     tasks: tuple = ("addition", "carry")
-    algorithms: tuple = ALGORITHMS
+    algorithms: tuple = BASELINE_ALGORITHMS
     noise: tuple = (0.0, 0.1, 0.2, 0.3)
+    """Group-flip probabilities p (`reward.noise_flip_prob`)."""
+    verifier: tuple = (CLEAN,)
+    """Noisy-verifier channels (false-positive rate rho0, false-negative rate rho1)
+    (`reward.noise_fp_rate`, `reward.noise_fn_rate`)."""
+    corrections: tuple = ("none",)
+    """`reward.correction` of each run under a noisy channel, assuming the channel's true rates
+    (a clean channel runs `none` only: there is nothing to correct)."""
     seeds: tuple = (0, 1, 2)
     steps: Optional[int] = None
     """RL steps per run (None: the task's)."""
@@ -78,6 +99,13 @@ PRESETS = {
                     sft_scale=0.75, eval_size=200),
     "smoke": Preset(tasks=("addition",), algorithms=("vimpo", "grpo"), noise=(0.0,), seeds=(0,), steps=2,
                     eval_every=1, sft_scale=0.05, eval_size=16),
+    # GN-IVO next to VIMPO and GRPO, clean and under a noisy verifier with each correction
+    # (docs/study.md, "GN-IVO and the noisy-verifier corrections"); the smallest task.
+    "families": Preset(tasks=("addition",), algorithms=("vimpo", "grpo", "gn_ivo"), noise=(0.0,),
+                       verifier=(CLEAN, (0.2, 0.2)), corrections=CORRECTIONS, seeds=(0, 1)),
+    "families-smoke": Preset(tasks=("addition",), algorithms=("gn_ivo",), noise=(0.0,), verifier=((0.3, 0.2),),
+                             corrections=CORRECTIONS, seeds=(0,), steps=2, eval_every=1, sft_scale=0.05,
+                             eval_size=16),
 }
 
 
@@ -87,10 +115,35 @@ class Run:
     algorithm: str
     noise: float
     seed: int
+    fp_rate: float = 0.0
+    fn_rate: float = 0.0
+    correction: str = "none"
 
     @property
     def id(self) -> str:
-        return f"{self.task}-{self.algorithm}-noise{self.noise:g}-seed{self.seed}"
+        # A clean verifier adds nothing to the id, so the rows of earlier grids keep resuming.
+        verifier = f"-fp{self.fp_rate:g}-fn{self.fn_rate:g}" if (self.fp_rate, self.fn_rate) != CLEAN else ""
+        correction = f"-{self.correction}" if self.correction != "none" else ""
+        return f"{self.task}-{self.algorithm}-noise{self.noise:g}{verifier}{correction}-seed{self.seed}"
+
+    def reward_overrides(self) -> list[str]:
+        """The run's reward-noise and correction keys; the correction assumes the true rates."""
+        return [f"reward.noise_flip_prob={self.noise}", f"reward.noise_seed={self.seed}",
+                f"reward.noise_fp_rate={self.fp_rate}", f"reward.noise_fn_rate={self.fn_rate}",
+                f"reward.correction={self.correction}", f"reward.correction_fp_rate={self.fp_rate}",
+                f"reward.correction_fn_rate={self.fn_rate}"]
+
+
+def check_preset(p: Preset) -> None:
+    """Fail before any run starts, naming the bad entry (a typo would otherwise cost a warm start)."""
+    for name, values, choices in (("tasks", p.tasks, tuple(TASKS)), ("algorithms", p.algorithms, ALGORITHMS),
+                                  ("corrections", p.corrections, CORRECTIONS)):
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise ValueError(f"preset {name}: {bad} not among {choices}")
+    for fp, fn in p.verifier:
+        if not (0.0 <= fp <= 1.0 and 0.0 <= fn <= 1.0 and fp + fn < 1.0):
+            raise ValueError(f"preset verifier: rates (fp, fn) = ({fp}, {fn}) must lie in [0, 1] with fp + fn < 1")
 
 
 @dataclass
@@ -105,8 +158,11 @@ class Study:
     # ------------------------------------------------------------------------------------
     def runs(self) -> list[Run]:
         p = self.preset
+        channels = [(float(fp), float(fn), c) for fp, fn in p.verifier
+                    for c in (p.corrections if (fp, fn) != CLEAN else ("none",))]
         # Seed-major: an interrupted grid has whole seeds of every task, not whole tasks.
-        return [Run(t, a, float(n), s) for s in p.seeds for t in p.tasks for n in p.noise for a in p.algorithms]
+        return [Run(t, a, float(n), s, fp, fn, c) for s in p.seeds for t in p.tasks for n in p.noise
+                for fp, fn, c in channels for a in p.algorithms]
 
     def done(self) -> dict[str, dict]:
         path = self.out / "results.jsonl"
@@ -115,6 +171,7 @@ class Study:
         return {r["id"]: r for r in read_metrics(path)}
 
     def run(self) -> int:
+        check_preset(self.preset)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "study.json").write_text(json.dumps({"preset": dataclasses.asdict(self.preset),
                                                          "extra": self.extra}, indent=1))
@@ -146,10 +203,10 @@ class Study:
         p = self.preset
         steps = p.steps or int(next(o for o in TASKS[r.task]["rl"] if o.startswith("train.steps=")).split("=")[1])
         over = [*TASKS[r.task]["rl"], f"model.name_or_path={self._sft_dir(r.task, r.seed) / 'sft'}", "sft.steps=0",
-                f"algorithm.name={r.algorithm}", f"reward.noise_flip_prob={r.noise}", f"reward.noise_seed={r.seed}",
-                f"train.seed={r.seed}", f"train.steps={steps}", f"train.eval_every={p.eval_every}",
-                f"train.checkpoint_every={steps}", "train.keep_last=1", "train.progress=false",
-                "train.cpu_threads=1", f"train.output_dir={self.out / 'runs' / r.id}", *self.extra]
+                f"algorithm.name={r.algorithm}", *r.reward_overrides(), f"train.seed={r.seed}",
+                f"train.steps={steps}", f"train.eval_every={p.eval_every}", f"train.checkpoint_every={steps}",
+                "train.keep_last=1", "train.progress=false", "train.cpu_threads=1",
+                f"train.output_dir={self.out / 'runs' / r.id}", *self.extra]
         if p.eval_size:
             over.append(f"data.toy_eval_size={p.eval_size}")
         return [self.python, "-m", "vimpo.cli", "train", *over]
@@ -199,7 +256,8 @@ class Study:
         rows = [r for r in self.done().values() if r.get("ok")]
         if not rows:
             return
-        (self.out / "summary.md").write_text(summary_table(rows) + "\n" + paired_table(rows))
+        tables = (summary_table(rows), paired_table(rows), correction_table(rows))
+        (self.out / "summary.md").write_text("\n".join(t for t in tables if t))
         plot_study(rows, self.out / "accuracy.png")
         print(f"[study] table: {self.out / 'summary.md'}\n[study] plot:  {self.out / 'accuracy.png'}", flush=True)
 
@@ -233,6 +291,12 @@ def run_row(run: Run, folder: Path, returncode: int, wall_s: float) -> dict:
         "final_reward": train[-1]["reward_mean"], "beta": train[-1].get("beta"),
         "mean_actor_coeff": _mean([r.get("actor_coeff") for r in train]),
         "mean_value_fit": _mean([r.get("value_fit") for r in train]),
+        # The noisy verifier and its correction, as the trainer applied them: the rewards the
+        # verifier gave (after noise) and what the loss saw (after the correction).
+        "mean_reward_raw": _mean([r.get("reward_raw_mean") for r in train]),
+        "mean_reward_corrected": _mean([r.get("reward_corrected_mean") for r in train]),
+        "false_positive_frac": _mean([r.get("false_positive_frac") for r in train]),
+        "false_negative_frac": _mean([r.get("false_negative_frac") for r in train]),
         "steps": len(train),
     })
     return row
@@ -257,59 +321,126 @@ def _spread(xs: list[float]) -> str:
     return f"{m:.3f} [{min(xs):.3f}-{max(xs):.3f}]" if len(xs) > 1 else f"{m:.3f}"
 
 
+def _channel(r: dict) -> tuple:
+    """(fp rate, fn rate, correction) of a row; rows of grids before the verifier axis are clean."""
+    return (r.get("fp_rate", 0.0), r.get("fn_rate", 0.0), r.get("correction", "none"))
+
+
+def _has_verifier(rows: list[dict]) -> bool:
+    return any(_channel(r) != (*CLEAN, "none") for r in rows)
+
+
+def _algo_order(name: str) -> int:
+    return ALGORITHMS.index(name) if name in ALGORITHMS else len(ALGORITHMS)
+
+
+def _correction_order(name: str) -> int:
+    return CORRECTIONS.index(name) if name in CORRECTIONS else len(CORRECTIONS)
+
+
+def _verifier_cells(fp: float, fn: float, correction: str) -> str:
+    return f"{fp:g} / {fn:g} | {correction} | "
+
+
 def summary_table(rows: list[dict]) -> str:
-    """Markdown: per task x noise x algorithm, mean [min-max] over seeds."""
-    keys = sorted({(r["task"], r["noise"], r["algorithm"]) for r in rows},
-                  key=lambda k: (k[0], k[1], ALGORITHMS.index(k[2]) if k[2] in ALGORITHMS else 99))
-    lines = ["| task | noise | algorithm | seeds | start | final | best | AUC | collapsed (final < start - 0.05) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for task, noise, algo in keys:
-        sel = [r for r in rows if (r["task"], r["noise"], r["algorithm"]) == (task, noise, algo)]
-        lines.append(f"| {task} | {noise:g} | {algo} | {len(sel)} | {_spread([r['start_accuracy'] for r in sel])} | "
+    """Markdown: per task x noise (x verifier x correction) x algorithm, mean [min-max] over
+    seeds. The verifier columns appear only when a row has a noisy verifier or a correction, so
+    the table of a grid without them reads as before."""
+    verifier = _has_verifier(rows)
+    keys = sorted({(r["task"], r["noise"], *_channel(r), r["algorithm"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2], k[3], _algo_order(k[5]), _correction_order(k[4])))
+    head = "| task | noise | " + ("verifier fp / fn | correction | " if verifier else "")
+    lines = [head + "algorithm | seeds | start | final | best | AUC | collapsed (final < start - 0.05) |",
+             "|---|---|" + ("---|---|" if verifier else "") + "---|---|---|---|---|---|---|"]
+    for task, noise, fp, fn, correction, algo in keys:
+        sel = [r for r in rows if (r["task"], r["noise"], *_channel(r), r["algorithm"])
+               == (task, noise, fp, fn, correction, algo)]
+        lines.append(f"| {task} | {noise:g} | {_verifier_cells(fp, fn, correction) if verifier else ''}{algo} | "
+                     f"{len(sel)} | {_spread([r['start_accuracy'] for r in sel])} | "
                      f"{_spread([r['final_accuracy'] for r in sel])} | {_spread([r['best_accuracy'] for r in sel])} | "
                      f"{_spread([r['auc'] for r in sel])} | {sum(r['collapsed'] for r in sel)}/{len(sel)} |")
     return "\n".join(lines) + "\n"
 
 
-def paired_table(rows: list[dict], a: str = "vimpo", others: tuple = ("grpo", "dr_grpo", "dapo")) -> str:
-    """Markdown: `a` minus each other algorithm, paired by task, noise and seed (the same warm
-    start), in final accuracy and in AUC; mean [min-max] over seeds, and wins/ties/losses
-    (|difference| <= 0.02 is a tie)."""
-    index = {(r["task"], r["noise"], r["seed"], r["algorithm"]): r for r in rows}
-    lines = [f"| task | noise | {a} minus | seeds | final accuracy | AUC | final: wins / ties / losses |",
-             "|---|---|---|---|---|---|---|"]
-    for task, noise in sorted({(r["task"], r["noise"]) for r in rows}):
+def _difference_cells(pairs: list) -> str:
+    """final-accuracy and AUC differences x - y over (x, y) pairs, mean [min-max], and wins /
+    ties / losses in final accuracy (|difference| <= 0.02 is a tie)."""
+    d_final = [x["final_accuracy"] - y["final_accuracy"] for x, y in pairs]
+    d_auc = [x["auc"] - y["auc"] for x, y in pairs]
+    w = sum(round(d, 9) > 0.02 for d in d_final)
+    lo = sum(round(d, 9) < -0.02 for d in d_final)
+    return f"{len(pairs)} | {_spread(d_final)} | {_spread(d_auc)} | {w} / {len(pairs) - w - lo} / {lo} |"
+
+
+def paired_table(rows: list[dict], a: str = "vimpo", others: Optional[tuple] = None) -> str:
+    """Markdown: `a` minus each other algorithm (default: every other one in the rows, registry
+    order), paired by task, noise, verifier, correction and seed (the same warm start and the
+    same noise draws), in final accuracy and in AUC; mean [min-max] over seeds, and wins / ties
+    / losses."""
+    if others is None:
+        others = tuple(sorted({r["algorithm"] for r in rows} - {a}, key=_algo_order))
+    verifier = _has_verifier(rows)
+    index = {(r["task"], r["noise"], *_channel(r), r["seed"], r["algorithm"]): r for r in rows}
+    head = "| task | noise | " + ("verifier fp / fn | correction | " if verifier else "")
+    lines = [head + f"{a} minus | seeds | final accuracy | AUC | final: wins / ties / losses |",
+             "|---|---|" + ("---|---|" if verifier else "") + "---|---|---|---|---|"]
+    cells = sorted({k[:5] for k in index}, key=lambda c: (c[0], c[1], c[2], c[3], _correction_order(c[4])))
+    for cell in cells:
         for b in others:
-            pairs = [(index[k[:3] + (a,)], r) for k, r in index.items()
-                     if k[0] == task and k[1] == noise and k[3] == b and k[:3] + (a,) in index]
-            if not pairs:
-                continue
-            d_final = [x["final_accuracy"] - y["final_accuracy"] for x, y in pairs]
-            d_auc = [x["auc"] - y["auc"] for x, y in pairs]
-            w = sum(round(d, 9) > 0.02 for d in d_final)
-            lo = sum(round(d, 9) < -0.02 for d in d_final)
-            lines.append(f"| {task} | {noise:g} | {b} | {len(pairs)} | {_spread(d_final)} | {_spread(d_auc)} | "
-                         f"{w} / {len(pairs) - w - lo} / {lo} |")
-    return "\n".join(lines) + "\n"
+            pairs = [(index[k[:6] + (a,)], r) for k, r in index.items()
+                     if k[:5] == cell and k[6] == b and k[:6] + (a,) in index]
+            if pairs:
+                task, noise, fp, fn, correction = cell
+                lines.append(f"| {task} | {noise:g} | {_verifier_cells(fp, fn, correction) if verifier else ''}"
+                             f"{b} | {_difference_cells(pairs)}")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def correction_table(rows: list[dict]) -> str:
+    """Markdown: each correction minus no correction under the same noisy verifier, per task,
+    noise and algorithm, paired by seed; empty when the rows have no correction."""
+    index = {(r["task"], r["noise"], *_channel(r), r["algorithm"], r["seed"]): r for r in rows}
+    lines = ["| task | noise | verifier fp / fn | algorithm | correction minus none | seeds | final accuracy | AUC | "
+             "final: wins / ties / losses |", "|---|---|---|---|---|---|---|---|---|"]
+    cells = sorted({(k[0], k[1], k[2], k[3], k[5]) for k in index if k[4] != "none"},
+                   key=lambda c: (c[0], c[1], c[2], c[3], _algo_order(c[4])))
+    for task, noise, fp, fn, algo in cells:
+        for correction in sorted({k[4] for k in index} - {"none"}, key=_correction_order):
+            pairs = [(r, index[(task, noise, fp, fn, "none", algo, k[6])]) for k, r in index.items()
+                     if k[:4] == (task, noise, fp, fn) and k[4] == correction and k[5] == algo
+                     and (task, noise, fp, fn, "none", algo, k[6]) in index]
+            if pairs:
+                lines.append(f"| {task} | {noise:g} | {fp:g} / {fn:g} | {algo} | {correction} | "
+                             f"{_difference_cells(pairs)}")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+_CORRECTION_STYLE = {"none": "-", "backward": "--", "forward": ":"}
 
 
 def plot_study(rows: list[dict], path: Path) -> Path:
+    """One panel per task x noise condition (group flips, verifier rates); one line per
+    algorithm (colour) and correction (line style): mean over seeds, min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in rows})
-    noises = sorted({r["noise"] for r in rows})
-    algos = [a for a in ALGORITHMS if any(r["algorithm"] == a for r in rows)]
-    fig, axes = plt.subplots(len(tasks), len(noises), figsize=(3.6 * len(noises), 3.0 * len(tasks)),
+    conditions = sorted({(r["noise"], *_channel(r)[:2]) for r in rows})
+    lines = sorted({(r["algorithm"], _channel(r)[2]) for r in rows},
+                   key=lambda k: (_algo_order(k[0]), _correction_order(k[1])))
+    fig, axes = plt.subplots(len(tasks), len(conditions), figsize=(3.6 * len(conditions), 3.0 * len(tasks)),
                              squeeze=False, sharey="row")
-    colors = dict(zip(ALGORITHMS, ("tab:red", "tab:blue", "tab:green", "tab:orange")))
+    palette = plt.get_cmap("tab20").colors
+    colors = {a: palette[(2 * i) % 20 + (i >= 10)] for i, a in enumerate(ALGORITHMS)}
+    colors.update(vimpo="tab:red", grpo="tab:blue", dr_grpo="tab:green", dapo="tab:orange")  # the grid's figure
     for i, task in enumerate(tasks):
-        for j, noise in enumerate(noises):
+        for j, (noise, fp, fn) in enumerate(conditions):
             ax = axes[i][j]
-            for algo in algos:
-                sel = [r for r in rows if (r["task"], r["noise"], r["algorithm"]) == (task, noise, algo)]
+            for algo, correction in lines:
+                sel = [r for r in rows if (r["task"], r["noise"], *_channel(r), r["algorithm"])
+                       == (task, noise, fp, fn, correction, algo)]
                 if not sel:
                     continue
                 steps = [s for s, _ in sel[0]["evals"]]
@@ -317,15 +448,19 @@ def plot_study(rows: list[dict], path: Path) -> Path:
                 mean = [sum(c[k] for c in curves) / len(curves) for k in range(len(steps))]
                 lo = [min(c[k] for c in curves) for k in range(len(steps))]
                 hi = [max(c[k] for c in curves) for k in range(len(steps))]
-                ax.plot(steps, mean, color=colors.get(algo), label=f"{algo} (n={len(curves)})", lw=1.6)
-                ax.fill_between(steps, lo, hi, color=colors.get(algo), alpha=0.15)
-            ax.set_title(f"{task}, reward flips p={noise:g}", fontsize=9)
+                label = algo if correction == "none" else f"{algo}, {correction}"
+                ax.plot(steps, mean, color=colors.get(algo), ls=_CORRECTION_STYLE.get(correction, "-."),
+                        label=f"{label} (n={len(curves)})", lw=1.6)
+                ax.fill_between(steps, lo, hi, color=colors.get(algo), alpha=0.12)
+            verifier = f", verifier fp/fn {fp:g}/{fn:g}" if (fp, fn) != CLEAN else ""
+            ax.set_title(f"{task}, reward flips p={noise:g}{verifier}", fontsize=9)
             ax.grid(alpha=0.3)
             if i == len(tasks) - 1:
                 ax.set_xlabel("RL step")
             if j == 0:
                 ax.set_ylabel("held-out accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+            if i == 0 and (j == 0 or len(lines) > 4):
+                ax.legend(fontsize=6, loc="lower right")
     fig.suptitle("held-out greedy accuracy: mean over seeds (line), min-max (band)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -406,7 +541,10 @@ def parser() -> argparse.ArgumentParser:
                    help="parallel run processes (each uses one thread)")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS))
     p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS)
-    p.add_argument("--noise", nargs="+", type=float)
+    p.add_argument("--noise", nargs="+", type=float, help="group-flip probabilities")
+    p.add_argument("--verifier", nargs="+", type=_rates, metavar="FP,FN",
+                   help="noisy-verifier channels, e.g. 0,0 0.2,0.2 (false-positive, false-negative rate)")
+    p.add_argument("--corrections", nargs="+", choices=CORRECTIONS, help="run under each noisy channel")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1")
     p.add_argument("--steps", type=int, help="RL steps per run")
     p.add_argument("--report-only", action="store_true", help="only write the table and the plot from the JSONL")
@@ -414,10 +552,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rates(text: str) -> tuple:
+    """`FP,FN` -> (fp, fn) for --verifier."""
+    try:
+        fp, fn = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FP,FN (two rates), got {text!r}") from None
+    return (fp, fn)
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     preset = dataclasses.replace(PRESETS[args.preset])
-    for name in ("tasks", "algorithms", "noise"):
+    for name in ("tasks", "algorithms", "noise", "verifier", "corrections"):
         if getattr(args, name):
             setattr(preset, name, tuple(getattr(args, name)))
     if args.seeds:
@@ -426,6 +573,11 @@ def main(argv: list[str]) -> int:
         preset.steps = args.steps
     if args.workers < 1:
         print("vimpo study: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        check_preset(preset)
+    except ValueError as exc:
+        print(f"vimpo study: error: {exc}", file=sys.stderr)
         return 2
     study = Study(Path(args.out or f"runs/study-{args.preset}"), preset, args.workers, extra=list(args.overrides))
     if args.report_only:
