@@ -10,6 +10,7 @@ against the fp64 truth 1e-4 (as tests/kernels/loss/test_fused_vimpo_loss.py).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -256,3 +257,31 @@ def test_token_level_advantages_are_rejected():
     with pytest.raises(ValueError, match="advantages"):
         vimpo_loss(logp, None, None, p["mask"], p["rewards"], p["group_ids"], old_logprobs=p["old"],
                    advantages=torch.zeros(B, T, dtype=torch.float64), config=CONFIGS["paper"])
+
+
+def _sampled_t_loss(logp, p, alpha, t_of_group):
+    """The paper's estimator (its Eq. (9), as its reviewers quote it: one prefix length t per
+    group, drawn from U{1..T}): the group cross-entropy at that single t, groups weighing |g| / B."""
+    total = logp.new_zeros(())
+    for g, t in t_of_group.items():
+        rows = [i for i in range(B) if GROUPS[i] == g]
+        w = torch.softmax(p["rewards"][rows] / alpha, 0)
+        d = torch.where(p["mask"], logp - p["old"], 0.0)
+        ell = torch.stack([d[i, p["mask"][i].nonzero().squeeze(-1)[:t]].sum() for i in rows])
+        total = total - len(rows) * (w * (ell - torch.logsumexp(ell, 0))).sum()
+    return total / B
+
+
+def test_the_average_over_prefixes_is_the_expectation_of_the_sampled_t():
+    """docs/math.md, "GN-IVO", "Choice of t": the paper draws one t ~ U{1..H_g} per group; this
+    engine averages over every t. Enumerating the draws, the mean of the sampled-t loss and of its
+    gradient is exactly the engine's loss and gradient (same expectation, no sampling variance)."""
+    cfg = CONFIGS["paper"]
+    p, logp = _p_logp()
+    loss, grad, _ = _loss_and_logp_grad(logp, p, cfg)
+    horizons = {g: max(int(p["mask"][i].sum()) for i in range(B) if GROUPS[i] == g) for g in set(GROUPS)}
+    draws = list(itertools.product(*[range(1, horizons[g] + 1) for g in sorted(horizons)]))
+    x = logp.clone().requires_grad_()
+    mean = sum(_sampled_t_loss(x, p, cfg.gn_ivo_alpha, dict(zip(sorted(horizons), d))) for d in draws) / len(draws)
+    (mean_grad,) = torch.autograd.grad(mean, x)
+    assert rel_err(mean.detach(), loss) <= 1e-12 and rel_err(mean_grad, grad) <= 1e-12
