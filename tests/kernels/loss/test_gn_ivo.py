@@ -273,7 +273,7 @@ def _sampled_t_loss(logp, p, alpha, t_of_group):
 
 
 def test_the_average_over_prefixes_is_the_expectation_of_the_sampled_t():
-    """docs/math.md, "GN-IVO", "Choice of t": the paper draws one t ~ U{1..H_g} per group; this
+    """docs/math.md, "GN-IVO" (the choice of t): the paper draws one t ~ U{1..H_g} per group; this
     engine averages over every t. Enumerating the draws, the mean of the sampled-t loss and of its
     gradient is exactly the engine's loss and gradient (same expectation, no sampling variance)."""
     cfg = CONFIGS["paper"]
