@@ -306,7 +306,8 @@ class FNRateAppeals:
             raise ValueError(f"appeal_prob must lie in (0, 1], got {self.appeal_prob!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        if not (isinstance(self.pseudocount, (int, float)) and self.pseudocount > 0 and math.isfinite(self.pseudocount)):
+        pseudo = self.pseudocount
+        if not (isinstance(pseudo, (int, float)) and pseudo > 0 and math.isfinite(pseudo)):
             raise ValueError(f"pseudocount must be a finite number > 0, got {self.pseudocount!r}")
 
     def select(self, rewards: Sequence[float], keys: Sequence[str], *, seed: int, step: int) -> list[int]:
@@ -332,8 +333,10 @@ class FNRateAppeals:
         the failure policy of `score`: a failed re-check counts as not overturned), update the
         estimate. Returns the step's statistics."""
         chosen = self.select(rewards, keys, seed=seed, step=step)
-        checked = score(recheck, [prompts[i] for i in chosen], [completions[i] for i in chosen],
-                        [answers[i] for i in chosen], error_value=0.0, timeout_s=timeout_s) if chosen else ScoreResult([])
+        checked = ScoreResult([])
+        if chosen:
+            checked = score(recheck, [prompts[i] for i in chosen], [completions[i] for i in chosen],
+                            [answers[i] for i in chosen], error_value=0.0, timeout_s=timeout_s)
         overturned = sum(1 for v in checked.rewards if v >= 0.5)
         rate = self.update(sum(1 for r in rewards if r == 1.0), overturned)
         return {"fn_rate_estimate": rate, "appeals": len(chosen), "appeals_overturned": overturned,
