@@ -52,11 +52,13 @@ class Backend:
     """Builds the N x V logits (the reference): fine for tests, ruinous at LLM vocabularies."""
     summary: str
     deterministic: bool = True
-    """Bitwise-reproducible run to run. False for the Triton kernels, whose backward adds tile
-    partials into d_hidden / d_weight with atomics in arrival order; under
-    `torch.use_deterministic_algorithms(True)` the planner then skips (auto) or refuses
-    (explicit) them. The compiled backends are as deterministic as ATen's GEMMs and their
-    per-row passes (ATen enforces its own rules under the same flag)."""
+    """Has a bitwise-reproducible (run to run) mode. A call that asks for one (`deterministic=True`,
+    or `torch.use_deterministic_algorithms(True)`) is never routed to a backend without it: auto
+    skips it, an explicit request raises. Triton has one: its default backward adds tile partials
+    with fp32 atomics in arrival order, its deterministic mode runs owner-computes kernels that
+    add them in a fixed order, with a pinned tile config (`triton_function.launch_backward`). The
+    compiled backends are as deterministic as ATen's GEMMs and their per-row passes (ATen
+    enforces its own rules under the same flag)."""
 
     @property
     def forward_grad(self) -> bool:
@@ -66,8 +68,8 @@ class Backend:
 
 BACKEND_TABLE: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), ("exact",), True, False, (),
-            True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden",
-            deterministic=False),
+            True, False, "Triton kernels (GPU); vocabulary tiles, atomics into d_weight/d_hidden (a fixed-order "
+            "owner-computes backward in deterministic mode)"),
     Backend("cuda", ("cuda",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
             "compiled C++/CUDA: chunked GEMMs + CUDA row passes"),
     Backend("cpu", ("cpu",), _ALL_FLOATS, ("exact", "candidate_set"), True, True, ("ppo_clip",), True, False,
@@ -184,8 +186,13 @@ def runs_on(backend: str, device: torch.device) -> bool:
 
 
 def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
-            kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False) -> list[str]:
-    """The features of a call that `backend` lacks (empty: it can compute the call)."""
+            kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False,
+            deterministic: Optional[bool] = None) -> list[str]:
+    """The features of a call that `backend` lacks (empty: it can compute the call).
+
+    deterministic: the call needs bitwise run-to-run reproducibility; None means "whatever
+    `torch.are_deterministic_algorithms_enabled()` says", and the torch flag also turns an
+    explicit False into True (torch's own rule: the flag is global)."""
     spec = BACKEND_TABLE[backend]
     lacks = []
     if dtype not in spec.dtypes:
@@ -198,16 +205,17 @@ def missing(backend: str, dtype: torch.dtype, *, weight_dtype: Optional[torch.dt
         lacks.append("entropy")
     if logit_grad_norm and not spec.logit_grad_norm:
         lacks.append("the logit-gradient norm (adaptive actor coefficient)")
-    if not spec.deterministic and torch.are_deterministic_algorithms_enabled():
-        lacks.append("deterministic algorithms (torch.use_deterministic_algorithms is on; its backward "
-                     "accumulates with atomics)")
+    if not spec.deterministic and (bool(deterministic) or torch.are_deterministic_algorithms_enabled()):
+        lacks.append("deterministic algorithms (deterministic=True or torch.use_deterministic_algorithms; it has "
+                     "no fixed-order reduction)")
     return lacks
 
 
 def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype: Optional[torch.dtype] = None,
          kl: Optional[str] = None, entropy: bool = False, logit_grad_norm: bool = False,
          separable: bool = False, forward_kernel: Optional[str] = None,
-         compiled_epilogue: bool = False, measure: Optional["Measure"] = None) -> Route:
+         compiled_epilogue: bool = False, measure: Optional["Measure"] = None,
+         deterministic: Optional[bool] = None, traced: bool = False) -> Route:
     """Choose the route of one call, from `BACKEND_TABLE` alone.
 
     Args:
@@ -220,6 +228,11 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
         compiled_epilogue: the loss's sequence epilogue exists in compiled form for this config.
         measure: how to time one candidate (`_autoselect.Measure`); given on a GPU, "auto" picks
             among several eligible backends by measurement, once per kind of call.
+        deterministic: the call needs bitwise run-to-run reproducibility (None: as
+            `torch.are_deterministic_algorithms_enabled()`); backends without a deterministic
+            mode are skipped (auto) or refused (explicit). The chosen backend must then be run in
+            its deterministic mode (Triton: `deterministic=True`, which the torch flag also sets).
+        traced: the call runs under `torch.compile` or CUDA-graph capture (no host reads).
 
     Rules: an explicit backend that cannot run the call raises `ValueError` saying what it lacks
     (never a silent demotion). "auto" takes the first backend of `AUTO_ORDER[device type]` that
@@ -227,10 +240,18 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
     unless `VIMPO_ALLOW_MATERIALIZE=1` (then it warns once), and on a CPU without the compiled
     extension it warns once. A separable loss prefers a backend whose forward kernels implement
     its coefficient (one GEMM fewer); among several eligible GPU backends with `measure` given,
-    the measured fastest wins (`_autoselect`).
+    the measured fastest wins (`_autoselect`). A traced call takes the recompute route: the
+    forward-gradient route hands its metrics out of an autograd function by a side channel,
+    which dynamo cannot trace (the token statistics and the compiled epilogue are custom ops,
+    which it can); no candidate is timed while tracing.
     """
+    if traced:
+        return Route(*_plan_while_tracing(
+            backend, str(device), _dtype_name(dtype), _dtype_name(weight_dtype), kl, entropy, logit_grad_norm,
+            compiled_epilogue, deterministic))
     device = torch.device(device)
-    needs = dict(weight_dtype=weight_dtype, kl=kl, entropy=entropy, logit_grad_norm=logit_grad_norm)
+    needs = dict(weight_dtype=weight_dtype, kl=kl, entropy=entropy, logit_grad_norm=logit_grad_norm,
+                 deterministic=deterministic)
     if backend == "auto":
         backend = _env.DEFAULT_BACKEND
     if backend == "auto":
@@ -245,6 +266,23 @@ def plan(backend: str, device: torch.device, dtype: torch.dtype, *, weight_dtype
     on_device = device.type == "cpu" or (extension() is not None and extension().built_with_cuda())
     use_compiled = compiled_epilogue and spec.compiled_epilogue and extension() is not None and on_device
     return Route(name, "recompute", "compiled" if use_compiled else "reference", why)
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@torch._dynamo.assume_constant_result
+def _plan_while_tracing(backend, device, dtype, weight_dtype, kl, entropy, logit_grad_norm, compiled_epilogue,
+                        deterministic) -> tuple[str, str, str, str]:
+    """`plan` of a traced call, run once by dynamo at trace time and baked into the graph as a
+    constant: the route is host logic (the backend table, the environment), not a tensor
+    program. Arguments are strings and flags so that dynamo can hold them as constants."""
+    as_dtype = lambda name: None if name is None else getattr(torch, name)  # noqa: E731
+    r = plan(backend, torch.device(device), as_dtype(dtype), weight_dtype=as_dtype(weight_dtype), kl=kl,
+             entropy=entropy, logit_grad_norm=logit_grad_norm, compiled_epilogue=compiled_epilogue,
+             deterministic=deterministic)
+    return r.backend, r.gradients, r.epilogue, r.why
 
 
 def _choose(device: torch.device, dtype, needs, prefer_forward: Optional[str] = None,

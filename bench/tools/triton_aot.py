@@ -4,7 +4,12 @@ sm_80 and sm_90 (no GPU needed) and print registers, local memory and shared mem
     python bench/tools/triton_aot.py [--arch 80 90] [--json out.json]
 
 Fails (exit 1) when a config uses local memory (register spills or stack) or more shared
-memory than the architecture gives one block. Each config is compiled with every feature flag
+memory than the architecture gives one block. Covers the forward and atomic-backward autotune
+lists, the deterministic mode's pinned configs (`DETERMINISTIC_FWD` is a forward-list entry;
+`DETERMINISTIC_BWD` for the owner kernels `bwd_dx` / `bwd_dw`), the split merge and the
+fixed-order split sum. `resident` is how many programs of a config one SM holds at once (by
+registers, warps and shared memory): the figure `triton_autotune.FWD_PROGRAMS_PER_SM` and
+`BWD_PROGRAMS_PER_SM` must match. Each config is compiled with every feature flag
 on (bias, reference, KL, entropy, all gradients): the variant with the most live tiles, so the
 resource figures bound the lighter variants. 2-byte configs are compiled for bf16 (fp16 has the
 same layout and resources), 4-byte configs for fp32 with exact (`ieee`) dots, as at run time.
@@ -43,6 +48,11 @@ from vimpo_kernels.logprobs import triton_kernels as tk  # noqa: E402
 # Largest dynamic shared memory one block may opt into (CUDA C programming guide, compute
 # capabilities table): 163 KiB on sm_80, 227 KiB on sm_90.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Per SM (same table): 64 Ki 32-bit registers allocated per warp in units of 256, at most 64
+# resident warps, and 164 / 228 KiB of shared memory of which each block also reserves 1 KiB.
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _DTYPE = {2: "bf16", 4: "fp32"}
 
@@ -86,6 +96,28 @@ def _bwd_job(width: int, config):
     return tk.bwd_kernel, types, consts
 
 
+def _owner_job(kernel: str, width: int, config):
+    """bwd_dx_kernel / bwd_dw_kernel, the deterministic backward, every flag on."""
+    dt = _DTYPE[width]
+    types = {n: f"*{dt}" for n in ("X", "W", "B", "RX", "RW", "RB")}
+    types.update({n: "*fp32" for n in ("LSE", "REF_LSE", "KL", "ENT", "G_LOGP", "G_LSE", "G_KL", "G_ENT",
+                                       "DXP", "DWP", "DBP")})
+    types.update(TGT="*i64", inv_temp="fp32")
+    types.update({n: "i32" for n in ("N", "V", "H", "H_REF", "stride_x", "stride_w", "stride_rx", "stride_rw",
+                                     "V_PER_SPLIT", "N_PER_SPLIT", "SPLITS")})
+    consts = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_G_LOGP=True, HAS_G_LSE=True, HAS_G_KL=True,
+                  HAS_G_ENT=True, DOT_PRECISION="ieee" if width == 4 else "tf32", UPCAST_DOT=False,
+                  SPLITS_FASTEST=True, **config.kwargs)
+    fn = tk.bwd_dx_kernel if kernel == "bwd_dx" else tk.bwd_dw_kernel
+    if kernel == "bwd_dw":
+        consts.update(NEED_DW=True, NEED_DB=True)
+    return fn, {k: v for k, v in types.items() if k in fn.arg_names}, consts
+
+
+def _sum_job():
+    return tk.sum_splits_kernel, dict(PART="*fp32", OUT="*fp32", M="i32", SPLITS="i32"), dict(BLOCK=tune.SUM_BLOCK)
+
+
 def _merge_job():
     types = {n: "*fp32" for n in ("PART", "LOGP", "LSE", "REF_LOGP", "REF_LSE", "KL", "ENT")}
     types.update(N="i32", SPLITS="i32", stride_part_stat="i32")
@@ -101,9 +133,23 @@ def jobs():
             out.append(("fwd_partials", _label(cfg), width, _fwd_job(width, cfg), cfg.num_warps, cfg.num_stages))
         for cfg in tune.BWD_CONFIGS[width]:
             out.append(("bwd", _label(cfg), width, _bwd_job(width, cfg), cfg.num_warps, cfg.num_stages))
+        cfg = tune.DETERMINISTIC_BWD[width]
+        for kernel in ("bwd_dx", "bwd_dw"):
+            out.append((kernel, _label(cfg), width, _owner_job(kernel, width, cfg), cfg.num_warps, cfg.num_stages))
     out.append(("merge_partials", f"N{tune.MERGE_BLOCK_N}-w{tune.MERGE_NUM_WARPS}", 4, _merge_job(),
                 tune.MERGE_NUM_WARPS, 1))
+    out.append(("sum_splits", f"B{tune.SUM_BLOCK}-w{tune.SUM_NUM_WARPS}", 4, _sum_job(), tune.SUM_NUM_WARPS, 1))
     return out
+
+
+def resident_per_sm(registers: int, warps: int, shared_bytes: int, arch: int) -> int:
+    """Programs of one kernel an SM holds at once: the least of the register, warp and shared
+    memory limits (CUDA occupancy rules: registers per warp rounded up to 256)."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps
+    by_warps = MAX_WARPS_PER_SM // warps
+    by_shared = SHARED_PER_SM[arch] // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_warps, by_shared))
 
 
 def _label(cfg) -> str:
@@ -140,8 +186,9 @@ def _checked(item) -> tuple[dict, str]:
     try:
         r = compile_one(fn, types, consts, arch, warps, stages)
     except Exception as exc:  # a config that does not compile is a failure to report
-        return (dict(registers=-1, local_bytes=-1, shared_bytes=-1, compile_s=0.0),
+        return (dict(registers=-1, local_bytes=-1, shared_bytes=-1, compile_s=0.0, resident=0),
                 f"FAIL: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    r["resident"] = resident_per_sm(r["registers"], warps, r["shared_bytes"], arch) if r["registers"] > 0 else 0
     problems = []
     if r["local_bytes"] > 0:
         problems.append("spills/local memory")
@@ -163,7 +210,7 @@ def main(argv=None) -> int:
     todo = [(i, arch) for i, (name, label, width, *_rest) in enumerate(all_jobs)
             if args.only in f"{name} {label} {_DTYPE[width]}" for arch in args.arch]
     print(f"{'kernel':<15} {'config':<26} {'dtype':<5} {'sm':>3} {'regs':>5} {'local B':>8} "
-          f"{'shared B':>9} {'limit B':>8} {'compile s':>9}  status")
+          f"{'shared B':>9} {'limit B':>8} {'resident':>8} {'compile s':>9}  status")
     # Compiles are independent and single-threaded: one process per core (fork keeps the imports).
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=mp.get_context("fork")) as pool:
         results = pool.map(_checked, todo)
@@ -174,7 +221,8 @@ def main(argv=None) -> int:
             if status != "ok":
                 failures.append(row)
             print(f"{name:<15} {label:<26} {row['dtype']:<5} {arch:>3} {r['registers']:>5} {r['local_bytes']:>8} "
-                  f"{r['shared_bytes']:>9} {SHARED_LIMIT[arch]:>8} {r['compile_s']:>9}  {status}", flush=True)
+                  f"{r['shared_bytes']:>9} {SHARED_LIMIT[arch]:>8} {r['resident']:>8} {r['compile_s']:>9}  {status}",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
     print(f"{len(rows)} compiles, {len(failures)} failing")

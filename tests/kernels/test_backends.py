@@ -122,3 +122,51 @@ def _check_tf32_guard():
     assert torch.backends.cuda.matmul.allow_tf32 is True
     with _backends.exact_fp32_matmul(bf16_gpu):
         assert torch.backends.cuda.matmul.allow_tf32 is True  # low precision: nothing to protect
+
+
+# -------------------------------------------------------------------------------------------
+# Deterministic mode: the planner's decision, on a simulated GPU machine (no GPU needed)
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """A GPU machine where Triton and the compiled CUDA backend are both available."""
+    status = {"triton": (True, "ok"), "cuda": (True, "simulated"), "cpu": (False, "simulated"),
+              "torch": (True, "reference")}
+    monkeypatch.setattr(_backends, "backend_status", lambda: status)
+    return _backends
+
+
+@pytest.mark.parametrize("how", ["torch-flag", "argument"])
+def test_deterministic_requests_route_to_triton_on_cuda(simulated_gpu, monkeypatch, how):
+    """Triton has a fixed-order backward now: a deterministic call (torch's global flag, or the
+    planner's `deterministic=True`) is routed to it, explicitly and by auto, like any other."""
+    cuda = torch.device("cuda")
+    kw = {}
+    if how == "torch-flag":
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    else:
+        kw["deterministic"] = True
+    assert _backends.BACKEND_TABLE["triton"].deterministic
+    assert _backends.missing("triton", torch.bfloat16, kl="exact", entropy=True, **kw) == []
+    assert _backends.plan("triton", cuda, torch.bfloat16, kl="exact", **kw).backend == "triton"
+    route = _backends.plan("auto", cuda, torch.bfloat16, kl="exact", entropy=True, **kw)
+    assert route.backend == "triton" and "deterministic" not in route.why, route
+
+
+def test_a_backend_without_a_deterministic_mode_is_skipped_or_refused(simulated_gpu, monkeypatch):
+    """The rule itself stays: were a backend to lack a deterministic mode, a deterministic call
+    skips it (auto) or raises naming the reason (explicit); a plain call is unaffected."""
+    from dataclasses import replace
+    table = dict(_backends.BACKEND_TABLE)
+    table["triton"] = replace(table["triton"], deterministic=False)
+    monkeypatch.setattr(_backends, "BACKEND_TABLE", table)
+    cuda = torch.device("cuda")
+    assert _backends.plan("auto", cuda, torch.bfloat16, kl="exact").backend == "triton"
+    route = _backends.plan("auto", cuda, torch.bfloat16, kl="exact", deterministic=True)
+    assert route.backend == "cuda" and "skipped triton: deterministic algorithms" in route.why, route
+    with pytest.raises(ValueError, match="'triton' does not support deterministic algorithms"):
+        _backends.plan("triton", cuda, torch.bfloat16, deterministic=True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    with pytest.raises(ValueError, match="deterministic algorithms"):
+        _backends.plan("triton", cuda, torch.bfloat16, deterministic=False)  # the global flag wins

@@ -58,15 +58,39 @@ BWD_CONFIGS = {
     ],
 }
 
+# Deterministic mode (`deterministic=True` or torch.use_deterministic_algorithms): one config
+# per operand width instead of the autotuner, whose pick depends on timings and so changes from
+# run to run (and each tile shape rounds the fp32 sums differently). The backward's owner
+# kernels (bwd_dx_kernel, bwd_dw_kernel) hold the same tiles as bwd_kernel plus one fp32
+# read-modify-write chunk instead of a fire-and-forget atomic; the configs are checked by
+# bench/tools/triton_aot.py like every other.
+DETERMINISTIC_FWD = {2: FWD_CONFIGS[2][0], 4: FWD_CONFIGS[4][0]}
+DETERMINISTIC_BWD = {
+    2: _cfg(64, 64, 32, 8, 2),
+    4: _cfg(32, 32, 32, 4, 2),
+}
+
+# Elements per program of the fixed-order split reduction (sum_splits_kernel).
+SUM_BLOCK = 1024
+SUM_NUM_WARPS = 4
+
 # Rows per program of the (memory-trivial) split-merge kernel.
 MERGE_BLOCK_N = 128
 MERGE_NUM_WARPS = 4
 
 # Vocabulary splits: aim for this many forward programs per SM, so that a small N (a few
 # hundred packed tokens) still fills the GPU. Splits are whole multiples of the largest BLOCK_V,
-# so every config tiles a split exactly.
-FWD_PROGRAMS_PER_SM = 2
+# so every config tiles a split exactly. 1, from the AOT check (`bench/tools/triton_aot.py`,
+# column `resident`): every bf16 forward config takes 168-218 registers x 256 threads, and an
+# SM's 64 Ki registers hold one such program (two need <= 128 registers); the fp32 configs hold
+# 1-4. Aiming at 2 (the former value) doubled the splits at small N for a second program that
+# waits for the first to leave. tests/kernels/token_stats/test_triton_aot.py holds the two equal
+# (the least residency over the forward configs, both architectures).
+FWD_PROGRAMS_PER_SM = 1
 FWD_ROWS_HINT = 64
+# The deterministic backward's owners (DETERMINISTIC_BWD): programs per SM its split count aims
+# at; by the same check, bwd_dx / bwd_dw hold 1 (bf16, 169-199 registers) to 4 (fp32) per SM.
+BWD_PROGRAMS_PER_SM = 1
 
 # The interpreter (TRITON_INTERPRET=1, CPU tensors) runs one fixed small config: tiles small
 # enough that test shapes span several row, vocabulary and H tiles, with ragged tails. The

@@ -57,6 +57,13 @@ breaking even only if L2 sustains less than ~2.3 TB/s of fp32 reductions: an ass
 measure first on a GPU (none was available here). Cost of the choice: fp32 sums in a
 nondeterministic order (run-to-run differences at the fp32 rounding level).
 
+Deterministic mode (`bwd_dx_kernel`, `bwd_dw_kernel`, `sum_splits_kernel`): that split, made
+bitwise reproducible. Each d_hidden row tile and each d_weight / d_bias vocabulary tile has one
+owner program that walks the other axis in ascending order and adds into its own fp32 rows; a
+split of the walked axis (to fill the GPU at small N) writes its own partial, and the partials
+are added in split order. Per-tile partials reduced afterwards would need 637 GB of scratch at
+N = 16384, H = 4096, V = 151936 (launcher: `triton_function._launch_deterministic`).
+
 UPCAST_DOT: Triton's CPU interpreter multiplies bf16 operands as their raw uint16 bit patterns
 (triton 3.9 `create_dot`), so under the interpreter the operands of every dot are widened to
 fp32 first. That is exact (a bf16 x bf16 product is exact in fp32, as in the tensor-core MMA
@@ -253,24 +260,16 @@ def merge_partials_kernel(
 
 
 @triton.jit
-def bwd_kernel(
-    X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DX, DW, DB,
-    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
-    N_BUCKET,  # unread: the autotuner's key for the row count
-    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
-    HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+def _grad_tile(X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT,
+               rows, cols, row_mask, col_mask, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+               HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+               HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The gradient w.r.t. the (untempered) logits z of one (rows, cols) tile, fp32, exactly 0
+    outside the valid rows and columns. Shared by the atomic and the deterministic backward, so
+    both differentiate the same formula."""
     valid = row_mask[:, None] & col_mask[None, :]
-
     l = _logit_tile(X, W, B, rows, cols, row_mask, col_mask, H, stride_x, stride_w, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
     if HAS_G_KL:  # both GEMMs before any elementwise tile, as in the forward
@@ -299,24 +298,57 @@ def bwd_kernel(
         g_ent = tl.load(G_ENT + rows, mask=row_mask, other=0.0)
         dl -= g_ent[:, None] * tl.where(valid, p * (logp + ent[:, None]), 0.0)
     # d/dz = (1/T) d/dl; padded rows/columns contribute exactly nothing.
-    dz = tl.where(valid, dl * inv_temp, 0.0)
+    return tl.where(valid, dl * inv_temp, 0.0)
 
-    if NEED_DB:
-        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-    # Tensor-core operand in the input dtype (fp32 stays fp32); products accumulate in fp32.
-    # fp16's range ends at 6e-8 and g * p_j is routinely below it (at a 150k vocabulary most p_j
-    # are < 1e-6): a plain cast would flush those columns' gradients to zero. So an fp16 tile is
-    # scaled by a power of two that puts its largest entry near 2^14 before the cast, and the
-    # fp32 products are scaled back (bf16 has fp32's exponent range and needs no scale).
+
+@triton.jit
+def _grad_operand(dz, dtype: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """(tensor-core operand, factor to multiply the fp32 products by) of a logit-gradient tile.
+
+    The operand is in the input dtype (fp32 stays fp32); products accumulate in fp32. fp16's
+    range ends at 6e-8 and g * p_j is routinely below it (at a 150k vocabulary most p_j are
+    < 1e-6): a plain cast would flush those columns' gradients to zero. So an fp16 tile is scaled
+    by a power of two that puts its largest entry near 2^14 before the cast, and the fp32
+    products are scaled back (bf16 has fp32's exponent range and needs no scale). The scale is a
+    function of the tile's values only, so it is the same in every launch order.
+    """
     unscale = 1.0
-    if X.dtype.element_ty == tl.float16:
+    if dtype == tl.float16:
         amax = tl.maximum(tl.max(tl.max(tl.abs(dz), axis=1), axis=0), 1e-30)
         scale = tl.exp2(14.0 - tl.ceil(tl.log2(amax)))
         dz = dz * scale
         unscale = 1.0 / scale
-    dz_op = dz.to(X.dtype.element_ty)
+    dz_op = dz.to(dtype)
     if UPCAST_DOT:
         dz_op = dz_op.to(tl.float32)
+    return dz_op, unscale
+
+
+@triton.jit
+def bwd_kernel(
+    X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DX, DW, DB,
+    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+    N_BUCKET,  # unread: the autotuner's key for the row count
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """The default backward: one program per (row tile, vocabulary tile), fp32 atomics."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    dz = _grad_tile(X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT,
+                    rows, cols, row_mask, col_mask, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+                    HAS_BIAS, HAS_REF_BIAS, HAS_G_LOGP, HAS_G_LSE, HAS_G_KL, HAS_G_ENT,
+                    BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+    if NEED_DB:
+        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    dz_op, unscale = _grad_operand(dz, X.dtype.element_ty, UPCAST_DOT)
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
@@ -338,3 +370,124 @@ def bwd_kernel(
             dw = tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION) * unscale
             tl.atomic_add(DW + cols64[:, None] * H + hs[None, :], dw, mask=col_mask[:, None] & h_ok[None, :],
                           sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# deterministic backward: every output element has one owner that adds its terms in a fixed order
+
+
+@triton.jit
+def _split_tile(SPLITS, TILES, SPLITS_FASTEST: tl.constexpr):
+    """(split, tile) of this program in a 1-D grid of SPLITS x TILES programs. SPLITS_FASTEST:
+    consecutive programs (the ones resident together) take the splits of one tile, so they
+    share that tile's operand rows in L2; otherwise consecutive programs take consecutive tiles.
+    The results do not depend on it (each program owns its outputs): the tests flip it to prove
+    that the reduction order is not the launch order."""
+    pid = tl.program_id(0)
+    if SPLITS_FASTEST:
+        return pid % SPLITS, pid // SPLITS
+    return pid // TILES, pid % TILES
+
+
+@triton.jit
+def bwd_dx_kernel(
+    X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DXP,
+    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp, V_PER_SPLIT, SPLITS,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, SPLITS_FASTEST: tl.constexpr,
+):
+    """d_hidden, deterministic: a program owns BLOCK_N rows and one vocabulary split and walks
+    the split's tiles in ascending order, adding dz @ W[tile] into its own rows of DXP[split]
+    (a read-modify-write nobody else touches: no atomics). DXP is (SPLITS, N, H) fp32, zeroed;
+    with one split it is d_hidden itself, otherwise `sum_splits_kernel` adds the splits in
+    order 0, 1, ... An empty tail split leaves its zeros."""
+    split, pid_n = _split_tile(SPLITS, tl.cdiv(N, BLOCK_N), SPLITS_FASTEST)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    out = DXP + split.to(tl.int64) * N * H + rows64[:, None] * H
+    v_start = split * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        dz = _grad_tile(X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT,
+                        rows, cols, row_mask, col_mask, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+                        HAS_BIAS, HAS_REF_BIAS, HAS_G_LOGP, HAS_G_LSE, HAS_G_KL, HAS_G_ENT,
+                        BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        dz_op, unscale = _grad_operand(dz, X.dtype.element_ty, UPCAST_DOT)
+        cols64 = tl.where(col_mask, cols, 0).to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_ok = hs < H
+            w = tl.load(W + cols64[:, None] * stride_w + hs[None, :], mask=col_mask[:, None] & h_ok[None, :],
+                        other=0.0)
+            if UPCAST_DOT:
+                w = w.to(tl.float32)
+            m = row_mask[:, None] & h_ok[None, :]
+            acc = tl.load(out + hs[None, :], mask=m, other=0.0)
+            acc += tl.dot(dz_op, w, input_precision=DOT_PRECISION) * unscale
+            tl.store(out + hs[None, :], acc, mask=m)
+
+
+@triton.jit
+def bwd_dw_kernel(
+    X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT, DWP, DBP,
+    N, V, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp, N_PER_SPLIT, SPLITS,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr,
+    HAS_G_LSE: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, SPLITS_FASTEST: tl.constexpr,
+):
+    """d_weight and d_bias, deterministic: a program owns BLOCK_V vocabulary entries and one
+    split of the rows and walks the split's row tiles in ascending order, adding dz^T @ X[tile]
+    into DWP[split] (SPLITS, V, H) and the column sums into DBP[split] (SPLITS, V), fp32, zeroed,
+    owned, reduced in split order by `sum_splits_kernel` when SPLITS > 1."""
+    split, pid_v = _split_tile(SPLITS, tl.cdiv(V, BLOCK_V), SPLITS_FASTEST)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+    out_w = DWP + split.to(tl.int64) * V * H + cols64[:, None] * H
+    out_b = DBP + split.to(tl.int64) * V + cols64
+    n_start = split * N_PER_SPLIT
+    n_end = tl.minimum(n_start + N_PER_SPLIT, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < n_end
+        dz = _grad_tile(X, W, B, RX, RW, RB, TGT, LSE, REF_LSE, KL, ENT, G_LOGP, G_LSE, G_KL, G_ENT,
+                        rows, cols, row_mask, col_mask, H, H_REF, stride_x, stride_w, stride_rx, stride_rw, inv_temp,
+                        HAS_BIAS, HAS_REF_BIAS, HAS_G_LOGP, HAS_G_LSE, HAS_G_KL, HAS_G_ENT,
+                        BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        if NEED_DB:
+            tl.store(out_b, tl.load(out_b, mask=col_mask, other=0.0) + tl.sum(dz, axis=0), mask=col_mask)
+        if NEED_DW:
+            dz_op, unscale = _grad_operand(dz, X.dtype.element_ty, UPCAST_DOT)
+            rows64 = tl.where(row_mask, rows, 0).to(tl.int64)
+            for h0 in range(0, H, BLOCK_H):
+                hs = h0 + tl.arange(0, BLOCK_H)
+                h_ok = hs < H
+                x = tl.load(X + rows64[:, None] * stride_x + hs[None, :], mask=row_mask[:, None] & h_ok[None, :],
+                            other=0.0)
+                if UPCAST_DOT:
+                    x = x.to(tl.float32)
+                m = col_mask[:, None] & h_ok[None, :]
+                acc = tl.load(out_w + hs[None, :], mask=m, other=0.0)
+                acc += tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION) * unscale
+                tl.store(out_w + hs[None, :], acc, mask=m)
+
+
+@triton.jit
+def sum_splits_kernel(PART, OUT, M, SPLITS, BLOCK: tl.constexpr):
+    """OUT[i] = (((PART[0, i] + PART[1, i]) + PART[2, i]) + ...): the splits of the deterministic
+    backward added in a fixed order, whatever order their programs ran in. PART is (SPLITS, M)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    ptrs = PART + offs
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, SPLITS):
+        ptrs += M  # pointer steps, not k * M: a (V, H) split is > 2^31 elements past the 4th
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc, mask=mask)
