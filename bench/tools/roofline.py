@@ -257,6 +257,12 @@ def inputs_bytes(s: Shape) -> float:
     return 3 * s.N * s.H * s.b + 3 * s.V * s.H * s.b
 
 
+# vimpo_kernels/logprobs/triton_autotune.FWD_PROGRAMS_PER_SM: the forward's split target, one
+# program per SM, what the AOT check's register counts allow (168-218 registers x 256 threads).
+# tests/bench/test_roofline_doc.py holds the two equal.
+FWD_PROGRAMS_PER_SM = 1
+
+
 @dataclass(frozen=True)
 class TritonPlan:
     fwd_tile: tuple[int, int] = (64, 64)
@@ -266,9 +272,13 @@ class TritonPlan:
     recompute_reference: bool = True
     """As written: g_kl arrives zero-filled (no set_materialize_grads(False)), so HAS_G_KL is on
     and every backward tile recomputes the reference logits."""
-    l2_resident: bool = False
-    """A launch order that keeps the forward's hidden rows and the backward's d_hidden partials
-    L2-resident (not built)."""
+    fwd_l2_resident: bool = False
+    """A forward launch order that keeps the hidden rows L2-resident (not built): vocabulary
+    splits fastest, with enough splits (>= 6 at H = 4096) that the resident programs share
+    their row tiles."""
+    bwd_l2_resident: bool = False
+    """A backward launch order that keeps the d_hidden partials (and the re-read hidden rows)
+    L2-resident (not built; no order does at H = 4096: `bwd_resident_floor_mb`)."""
     resident_per_sm: int = 1
     """Programs per SM: 168-218 registers x 256 threads (triton_aot) leave room for one."""
 
@@ -287,12 +297,12 @@ def triton(s: Shape, dev: Device, plan: TritonPlan = TritonPlan(), key: str = "t
     # tile it streams its rows of X (policy and reference) and the tile's W rows over all of H.
     bn, bv = plan.fwd_tile
     row_tiles = math.ceil(N / bn)
-    # triton_function.vocab_split: 2 programs per SM wanted, split granule 128 entries.
-    splits = max(1, min(math.ceil(V / 128), (2 * dev.sms) // math.ceil(N / 64)))
+    # triton_function.vocab_split: FWD_PROGRAMS_PER_SM programs per SM wanted, granule 128 entries.
+    splits = max(1, min(math.ceil(V / 128), (FWD_PROGRAMS_PER_SM * dev.sms) // math.ceil(N / 64)))
     x_stream = 2 * b * H * nv / bv          # X rows re-streamed once per vocabulary tile, both models
     w_stream = 2 * b * H * nv / bn          # W tiles, once per row tile, both models
     x_working_set = resident * bn * H * b * 2
-    x_from_hbm = not plan.l2_resident and x_working_set > usable_l2
+    x_from_hbm = not plan.fwd_l2_resident and x_working_set > usable_l2
     # W: the resident programs walk the same vocabulary tiles together, so W comes from HBM once
     # per wave of row tiles over a split.
     w_hbm = 2 * V * H * b * max(1, math.ceil(row_tiles / resident))
@@ -316,8 +326,8 @@ def triton(s: Shape, dev: Device, plan: TritonPlan = TritonPlan(), key: str = "t
     # tile and cover up to `resident` row tiles, so d_hidden (N x H fp32) is revisited once per
     # vocabulary tile; when it does not fit in L2 every visit is an HBM read + write.
     dx_bytes = N * H * 4
-    dx_rmw = (not plan.l2_resident) and dx_bytes > usable_l2
-    x_reread = (not plan.l2_resident) and resident * bn * H * b * (models + 1) > usable_l2
+    dx_rmw = (not plan.bwd_l2_resident) and dx_bytes > usable_l2
+    x_reread = (not plan.bwd_l2_resident) and resident * bn * H * b * (models + 1) > usable_l2
     bwd_hbm = ((2 * dx_bytes * math.ceil(V / bv)) if dx_rmw else 2 * dx_bytes) \
         + ((N * H * b * math.ceil(V / bv) * (models + 1)) if x_reread else N * H * b * models) \
         + V * H * b * (models + 1) + 2 * V * H * 4
@@ -330,6 +340,47 @@ def triton(s: Shape, dev: Device, plan: TritonPlan = TritonPlan(), key: str = "t
     setup = Step("zero + cast the fp32 accumulators", hbm=(N + V) * H * (4 + 4 + b))
     extra = (N + V) * H * (4 + b)
     return Path(key, title, [fwd, bwd, setup], True, extra, built, notes)
+
+
+def bwd_resident_floor_mb(s: Shape, dev: Device, tile: tuple[int, int] = (64, 128)) -> float:
+    """The least L2 working set of the atomic backward's accumulators over every launch order:
+    the resident programs cover r row tiles x c vocabulary tiles (r c = resident) and touch
+    r BLOCK_N x H plus c BLOCK_V x H fp32 partials; minimized over r."""
+    bn, bv = tile
+    resident = dev.sms
+    return min(r * bn * s.H * 4 + math.ceil(resident / r) * bv * s.H * 4 for r in range(1, resident + 1)) / 1e6
+
+
+def triton_deterministic(s: Shape, dev: Device, tile: tuple[int, int] = (64, 64)) -> Path:
+    """Deterministic mode (triton_kernels.bwd_dx_kernel + bwd_dw_kernel, DETERMINISTIC_BWD 64 x 64,
+    detached KL): the built forward, then two owner kernels that each recompute the policy logit
+    tiles; each adds into its own fp32 rows with a read-modify-write per tile (no atomics)."""
+    N, H, V, b = s.N, s.H, s.V, s.b
+    nv = float(N) * V
+    base = triton(s, dev, TritonPlan(recompute_reference=False), "triton-det", "", False)
+    bn, bv = tile
+    row_tiles, vocab_tiles = math.ceil(N / bn), math.ceil(V / bv)
+    pairs = row_tiles * vocab_tiles
+    resident = dev.sms
+    usable_l2 = dev.l2_bytes * dev.l2_usable
+    # bwd_dx: owners of row tiles walk the vocabulary; the resident programs share each W tile
+    # (L2, HBM once per wave), each re-reads its own 64 hidden rows per tile (the resident set,
+    # 69 MB, exceeds L2) and reads + writes its own 64 x H fp32 rows of d_hidden per tile.
+    own_x = resident * bn * H * b > usable_l2
+    dx_rmw = pairs * bn * H * 8
+    dx = Step(f"deterministic d_hidden owners, {bn} x {bv} tiles", flops=4.0 * s.nhv,
+              hbm=(N * H * b * vocab_tiles if own_x else N * H * b) + V * H * b * math.ceil(row_tiles / resident)
+              + (dx_rmw if resident * bn * H * 4 > usable_l2 else 2 * N * H * 4),
+              l2=pairs * (bn + 2 * bv) * H * b + dx_rmw, ew_flops=20 * nv, exps=nv, ew_overlaps=False)
+    # bwd_dw: owners of vocabulary tiles walk the rows; mirror image (W re-read, X shared).
+    own_w = resident * bv * H * b > usable_l2
+    dw_rmw = pairs * bv * H * 8
+    dw = Step(f"deterministic d_weight owners, {bn} x {bv} tiles", flops=4.0 * s.nhv,
+              hbm=(V * H * b * row_tiles if own_w else V * H * b) + N * H * b * math.ceil(vocab_tiles / resident)
+              + (dw_rmw if resident * bv * H * 4 > usable_l2 else 2 * V * H * 4),
+              l2=pairs * (2 * bn + bv) * H * b + dw_rmw, ew_flops=20 * nv, exps=nv, ew_overlaps=False)
+    return Path("triton-det", "Triton, deterministic mode (owner-computes backward, 64 x 64)",
+                [base.steps[0], dx, dw, base.steps[2]], True, base.extra_memory, True)
 
 
 @dataclass(frozen=True)
@@ -419,13 +470,19 @@ def ladders(s: Shape, dev: Device) -> dict[str, list[Path]]:
     tri = [
         triton(s, dev),
         triton(s, dev, TritonPlan(recompute_reference=False), "triton-nomat", "+ set_materialize_grads(False)", False),
-        triton(s, dev, TritonPlan(recompute_reference=False, l2_resident=True), "triton-l2",
-               "+ launch order keeping hidden rows and d_hidden L2-resident", False),
-        triton(s, dev, TritonPlan((128, 128), (128, 128), recompute_reference=False, l2_resident=True), "triton-128",
+        triton(s, dev, TritonPlan(recompute_reference=False, bwd_l2_resident=True), "triton-bwd-l2",
+               "+ backward launch order keeping d_hidden L2-resident (not built: no gain)", False),
+        triton(s, dev, TritonPlan(recompute_reference=False, fwd_l2_resident=True, bwd_l2_resident=True),
+               "triton-l2", "+ forward launch order keeping the hidden rows L2-resident (not built)", False),
+        triton(s, dev, TritonPlan((128, 128), (128, 128), recompute_reference=False, fwd_l2_resident=True,
+                                  bwd_l2_resident=True), "triton-128",
                "+ 128 x 128 tiles everywhere (spill today; needs warp specialization)", False),
     ]
+    det = [triton(s, dev, TritonPlan(recompute_reference=False), "triton-nomat", "atomic backward (the default)",
+                  True),
+           triton_deterministic(s, dev)]
     mat = [materialize(s), materialize(s, "fp32"), materialize(s, "tf32")]
-    return {"cuda": cuda, "triton": tri, "materialize": mat}
+    return {"cuda": cuda, "triton": tri, "triton-deterministic": det, "materialize": mat}
 
 
 def predicted_ms(key: str, N: int, H: int, V: int, device: str = "H100 SXM") -> float | None:
@@ -504,7 +561,7 @@ def steps_table(s: Shape, dev: Device) -> str:
 
 def ladder_table(shapes: list[Shape], dev: Device) -> str:
     rows = ["| path | step | N | modeled ms | x floor | fraction of bf16 peak |", "|---|---|---|---|---|---|"]
-    for family in ("cuda", "triton", "materialize"):
+    for family in ("cuda", "triton", "triton-deterministic", "materialize"):
         for s in shapes:
             t_floor = floor(s).seconds(dev)
             for p in ladders(s, dev)[family]:
@@ -566,7 +623,8 @@ def facts(shapes: list[Shape], dev: Device) -> str:
         sens.append(f"{100 * eff:.0f} % -> {1e3 * t:.0f} ms = {100 * p.useful_flops(s) / (t * d.bf16):.0f} %")
     out.append(f"- N={s.N}: the design against the GEMM-efficiency assumption: " + "; ".join(sens))
     for label, plan in (("as written", TritonPlan()),
-                        ("with both fixes", TritonPlan(recompute_reference=False, l2_resident=True))):
+                        ("with both fixes", TritonPlan(recompute_reference=False, fwd_l2_resident=True,
+                                                       bwd_l2_resident=True))):
         fwd, bwd = triton(s, dev, plan).steps[:2]
         out.append(f"- N={s.N}: Triton {label}, forward: HBM {fwd.hbm / GB:.0f} GB = {1e3 * fwd.hbm / dev.hbm:.0f} ms, "
                    f"L2 {fwd.l2 / GB:.0f} GB = {1e3 * fwd.l2 / dev.l2_bw:.0f} ms, MMA "
@@ -575,6 +633,30 @@ def facts(shapes: list[Shape], dev: Device) -> str:
                    f"{1e3 * bwd.atomics / dev.l2_atomic:.0f} ms, L2 operands {bwd.l2 / GB:.0f} GB = "
                    f"{1e3 * bwd.l2 / dev.l2_bw:.0f} ms, HBM {bwd.hbm / GB:.0f} GB = {1e3 * bwd.hbm / dev.hbm:.0f} ms, "
                    f"MMA {1e3 * bwd.flops / (dev.bf16 * dev.gemm_eff):.0f} ms")
+    nomat = triton(s, dev, TritonPlan(recompute_reference=False))
+    bwd = nomat.steps[1]
+    out.append(f"- N={s.N}: Triton backward with set_materialize_grads(False): L2 operands {1e3 * bwd.l2 / dev.l2_bw:.0f} ms "
+               f"+ atomics {1e3 * bwd.atomics / dev.l2_atomic:.0f} ms = "
+               f"{1e3 * (bwd.l2 / dev.l2_bw + bwd.atomics / dev.l2_atomic):.0f} ms against HBM "
+               f"{1e3 * bwd.hbm / dev.hbm:.0f} ms and MMA {1e3 * bwd.flops / (dev.bf16 * dev.gemm_eff):.0f} ms: "
+               f"L2-bound, so an L2-resident d_hidden (HBM only) buys "
+               f"{1e3 * (nomat.seconds(dev) - triton(s, dev, TritonPlan(recompute_reference=False, bwd_l2_resident=True)).seconds(dev)):.1f} ms; "
+               f"no launch order holds the partials anyway: the least working set of the resident programs' "
+               f"accumulators is {bwd_resident_floor_mb(s, dev):.1f} MB (> {dev.l2_bytes * dev.l2_usable / 1e6:.0f} MB)")
+    fwd = nomat.steps[0]
+    fwd_l2 = triton(s, dev, TritonPlan(recompute_reference=False, fwd_l2_resident=True)).steps[0]
+    out.append(f"- N={s.N}: Triton forward: staging a program's hidden rows on chip needs 64 x {s.H} x {s.b} B x 2 models = "
+               f"{64 * s.H * s.b * 2 / 2**20:.1f} MiB of shared memory (sm_90 gives a block 227 KiB); an L2-resident "
+               f"launch order takes the forward from {1e3 * fwd.seconds(dev):.1f} ms (HBM {1e3 * fwd.hbm / dev.hbm:.0f} ms) "
+               f"to {1e3 * fwd_l2.seconds(dev):.1f} ms (L2 {1e3 * fwd_l2.l2 / dev.l2_bw:.0f} ms), "
+               f"{100 * (fwd.seconds(dev) - fwd_l2.seconds(dev)) / nomat.seconds(dev):.1f} % of the path")
+    det = triton_deterministic(s, dev)
+    dsteps = det.steps[1:3]
+    out.append(f"- N={s.N}: Triton deterministic mode: backward "
+               f"{1e3 * sum(st.seconds(dev) for st in dsteps):.0f} ms (d_hidden owners {1e3 * dsteps[0].seconds(dev):.0f} ms, "
+               f"HBM {dsteps[0].hbm / GB:.0f} GB; d_weight owners {1e3 * dsteps[1].seconds(dev):.0f} ms, HBM "
+               f"{dsteps[1].hbm / GB:.0f} GB) against the atomic backward's {1e3 * bwd.seconds(dev):.0f} ms; path "
+               f"{1e3 * det.seconds(dev):.0f} ms against {1e3 * nomat.seconds(dev):.0f} ms")
     return "\n".join(out)
 
 

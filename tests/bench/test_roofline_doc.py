@@ -95,3 +95,29 @@ def test_predicted_ms_is_the_tables_time():
     assert roofline.predicted_ms("materialize", 4096, 4096, 151936, "H200 SXM") < \
         roofline.predicted_ms("materialize", 4096, 4096, 151936)
     assert roofline.predicted_ms("floor", 4096, 4096, 151936, "no such device") is None
+
+
+def test_the_triton_decisions_hold_on_the_model():
+    """docs/roofline.md, "Decisions on the model": an L2-resident d_hidden buys nothing (the
+    atomic backward is L2-bound and no launch order holds the partials), the forward's
+    L2-resident launch order < 2 % of the path, and the deterministic mode costs its two
+    recomputes and HBM read-modify-writes (8 N H V of backward MMA, slower than the atomics)."""
+    s, dev = roofline.Shape(16384), roofline.H100_SXM
+    plan = roofline.TritonPlan
+    nomat = roofline.triton(s, dev, plan(recompute_reference=False)).seconds(dev)
+    assert roofline.triton(s, dev, plan(recompute_reference=False, bwd_l2_resident=True)).seconds(dev) == \
+        pytest.approx(nomat)
+    assert roofline.bwd_resident_floor_mb(s, dev) > dev.l2_bytes * dev.l2_usable / 1e6
+    fwd_gain = nomat - roofline.triton(s, dev, plan(recompute_reference=False, fwd_l2_resident=True)).seconds(dev)
+    assert 0 < fwd_gain < 0.02 * nomat
+    det = roofline.triton_deterministic(s, dev)
+    assert sum(st.flops for st in det.steps[1:3]) == pytest.approx(8 * s.nhv)
+    assert det.seconds(dev) > nomat
+
+
+def test_the_forward_split_target_is_the_kernels():
+    """The model splits the vocabulary as the launcher does (triton_autotune.FWD_PROGRAMS_PER_SM,
+    which the AOT check holds to the compiler's register counts)."""
+    pytest.importorskip("triton")
+    from vimpo_kernels.logprobs import triton_autotune
+    assert roofline.FWD_PROGRAMS_PER_SM == triton_autotune.FWD_PROGRAMS_PER_SM
