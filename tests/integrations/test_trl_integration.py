@@ -1,5 +1,7 @@
 """TRL integration: VIMPOTrainer trains offline on CPU and its loss is our `vimpo_loss`;
-FusedGRPOTrainer's loss and gradients are TRL's own on the same batch.
+FusedGRPOTrainer's loss and gradients are TRL's own on the same batch, for every TRL 1.16
+`loss_type` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) and for GSPO
+(`importance_sampling_level="sequence"`).
 
 Tolerances (float32 model and kernels): the fused kernels and the materialising truth both
 accumulate in fp32 over V=13, H=24, so per-token log-probs agree to ~1e-7; the loss (a few
@@ -155,8 +157,9 @@ def _synthetic_batch(trainer, off_policy, vllm_is, seed=0):
     if off_policy:  # ratios spread over ~[0.5, 2]: both clips and the dual clip fire
         inputs["old_per_token_logps"] = logps + 0.4 * torch.randn(B, T, generator=g)
         inputs["ref_per_token_logps"] = logps + 0.3 * torch.randn(B, T, generator=g)
-    if vllm_is:
-        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(B, T, generator=g)
+    if vllm_is:  # 1 at padding, as TRL writes it (its sampling log-ratio is masked before exp)
+        inputs["importance_sampling_ratio"] = torch.where(completion_mask.bool(), 0.5 + torch.rand(B, T, generator=g),
+                                                          1.0)
     return inputs
 
 
@@ -183,12 +186,50 @@ GRPO_CASES = {
     "grpo-off_policy-vllm_is-ga2": dict(loss_type="grpo", off_policy=True, vllm_is=True,
                                         gradient_accumulation_steps=2),
 }
+# The families beyond TRL's PPO types, and GSPO. `fires`: a metric TRL logs for the batch that
+# must lie strictly between 0 and 1 (the clip acts on part of the batch, so the comparison
+# covers both branches). A sequence ratio moves ~0.4 / sqrt(L) here, hence the 0.1 / 0.15 band.
+SEQUENCE_BAND = dict(importance_sampling_level="sequence", epsilon=0.1, epsilon_high=0.15)
+FAMILY_CASES = {
+    "gspo-on_policy-paper_band": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4,
+                                      epsilon_high=4e-4),
+    "gspo-off_policy_kl": dict(loss_type="grpo", beta=0.04, off_policy=True, fires="clip_ratio/region_mean",
+                               **SEQUENCE_BAND),
+    "gspo-dapo_normaliser-delta-ga2-4_steps_per_generation": dict(
+        loss_type="dapo", delta=1.2, off_policy=True, gradient_accumulation_steps=2, steps_per_generation=4,
+        fires="clip_ratio/region_mean", **SEQUENCE_BAND),
+    "gspo-bnpo_normaliser-vllm_is": dict(loss_type="bnpo", off_policy=True, vllm_is=True, **SEQUENCE_BAND),
+    "luspo-off_policy_kl": dict(loss_type="luspo", beta=0.04, off_policy=True, fires="clip_ratio/region_mean",
+                                **SEQUENCE_BAND),
+    "luspo-off_policy-ga2": dict(loss_type="luspo", off_policy=True, gradient_accumulation_steps=2,
+                                 **SEQUENCE_BAND),
+    "luspo-token_level-off_policy": dict(loss_type="luspo", off_policy=True, fires="clip_ratio/region_mean"),
+    "cispo-off_policy-cap_1.3-ga2-4_steps_per_generation": dict(
+        loss_type="cispo", epsilon_high=1.3, off_policy=True, gradient_accumulation_steps=2, steps_per_generation=4,
+        fires="cispo_clip_ratio"),
+    "cispo-off_policy_kl-vllm_is-cap_5": dict(loss_type="cispo", epsilon_high=5.0, beta=0.04, off_policy=True,
+                                              vllm_is=True),
+    "cispo-on_policy": dict(loss_type="cispo", epsilon_high=5.0),
+    "sapo-on_policy": dict(loss_type="sapo"),
+    "sapo-off_policy_kl-temperatures": dict(loss_type="sapo", beta=0.04, sapo_temperature_pos=0.5,
+                                            sapo_temperature_neg=2.0, off_policy=True),
+    "sapo-off_policy-vllm_is-ga2": dict(loss_type="sapo", off_policy=True, vllm_is=True, gradient_accumulation_steps=2),
+    "vespo-off_policy": dict(loss_type="vespo", off_policy=True),
+    "vespo-off_policy_kl-shape-vllm_is": dict(loss_type="vespo", beta=0.04, vespo_k_pos=1.5, vespo_lambda_pos=2.5,
+                                              vespo_k_neg=2.5, vespo_lambda_neg=1.5, off_policy=True, vllm_is=True,
+                                              vllm_importance_sampling_mode="token_truncate"),
+    "vespo-sequence_level-ga2-4_steps_per_generation": dict(
+        loss_type="vespo", importance_sampling_level="sequence", off_policy=True, gradient_accumulation_steps=2,
+        steps_per_generation=4),
+}
+ALL_CASES = {**GRPO_CASES, **FAMILY_CASES}
 
 
-@pytest.mark.parametrize("case", list(GRPO_CASES), ids=list(GRPO_CASES))
+@pytest.mark.parametrize("case", list(ALL_CASES), ids=list(ALL_CASES))
 def test_fused_grpo_loss_matches_trl(tmp_path, tiny_model_dir, tokenizer, prompt_dataset, case):
-    options = dict(GRPO_CASES[case])
+    options = dict(ALL_CASES[case])
     off_policy, vllm_is = options.pop("off_policy", False), options.pop("vllm_is", False)
+    fires = options.pop("fires", None)
     if off_policy:
         options.setdefault("use_bias_correction_kl", False)
     args = GRPOConfig(**trl_common_args(tmp_path, **options))
@@ -207,6 +248,31 @@ def test_fused_grpo_loss_matches_trl(tmp_path, tiny_model_dir, tokenizer, prompt
     assert trl_loss.abs() > 1e-4  # the comparison is not between two zeros
     for got, want in zip(fused_grads, trl_grads):
         torch.testing.assert_close(got, want, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    if fires:
+        assert 0.0 < trainers[0]._metrics["train"][fires][-1] < 1.0, (fires, trainers[0]._metrics["train"][fires])
+
+
+@pytest.mark.parametrize("loss_type,level,algorithm", [
+    ("grpo", "token", "grpo"), ("bnpo", "token", "bnpo"), ("dr_grpo", "token", "dr_grpo"), ("dapo", "token", "dapo"),
+    ("luspo", "token", "grpo"), ("cispo", "token", "cispo"), ("sapo", "token", "sapo"), ("vespo", "token", "vespo"),
+    ("grpo", "sequence", "gspo"), ("bnpo", "sequence", "gspo"), ("dr_grpo", "sequence", "gspo"),
+    ("dapo", "sequence", "gspo"), ("luspo", "sequence", "luspo"), ("vespo", "sequence", "vespo"),
+])
+def test_trl_loss_types_map_onto_the_registry(tmp_path, loss_type, level, algorithm):
+    """Every TRL 1.16 loss type (and GSPO's sequence level) lands on the registry entry with
+    TRL's policy term, with TRL's aggregation and options under our names."""
+    assert trl_integration.trl_algorithm(loss_type, level) == algorithm
+    args = GRPOConfig(**trl_common_args(tmp_path, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
+                                        use_bias_correction_kl=False, epsilon=0.1, epsilon_high=2.5,
+                                        sapo_temperature_pos=0.7, vespo_k_neg=2.5))
+    cfg = trl_integration.grpo_family_config(args)
+    assert cfg.algorithm == algorithm and cfg.kl_loss_coeff == 0.04 and cfg.temperature == 0.9
+    assert cfg.loss_agg_mode == trl_integration._TRL_LOSS_TYPES[loss_type][0]
+    assert cfg.sapo_temperature_pos == 0.7 and cfg.vespo_k_neg == 2.5
+    if loss_type == "cispo":  # TRL's cap epsilon_high = our 1 + clip_ratio_high, lower bound 0
+        assert (cfg.clip_ratio_low, cfg.clip_ratio_high) == (1.0, 1.5)
+    elif algorithm in ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "luspo"):
+        assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c) == (0.1, 2.5, trl_integration._NO_DUAL_CLIP)
 
 
 # -----------------------------------------------------------------------------------------
@@ -272,13 +338,25 @@ def test_vimpo_trainer_needs_its_config_and_a_model_path(tmp_path, tiny_model_di
                      train_dataset=prompt_dataset, processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("loss_type", ["sapo", "cispo"])
-def test_fused_grpo_rejects_losses_it_does_not_implement(tmp_path, tiny_model_dir, tokenizer, prompt_dataset,
-                                                         loss_type):
-    with pytest.raises(ValueError, match="loss_type"):
+@pytest.mark.parametrize("options,match", [
+    (dict(loss_type="sapo", importance_sampling_level="sequence"), "importance_sampling_level='sequence'"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=5.0), "importance_sampling_level"),
+    (dict(loss_type="cispo"), "epsilon_high"),  # TRL's default cap is epsilon = 0.2
+    (dict(loss_type="dapo", delta=0.9), "delta"),
+    (dict(loss_type="grpo", epsilon=1.5), "epsilon"),
+    (dict(loss_type="sapo", top_entropy_quantile=0.2), "top_entropy_quantile"),
+], ids=["sapo-sequence", "cispo-sequence", "cispo-cap_below_1", "delta_below_1", "epsilon_above_1", "entropy-mask"])
+def test_fused_grpo_rejects_what_it_does_not_implement(tmp_path, tiny_model_dir, tokenizer, prompt_dataset, options,
+                                                       match):
+    with pytest.raises(ValueError, match=match):
         FusedGRPOTrainer(model=tiny_model_dir, reward_funcs=hashed_text_reward,
-                         args=GRPOConfig(**trl_common_args(tmp_path, loss_type=loss_type)),
+                         args=GRPOConfig(**trl_common_args(tmp_path, **options)),
                          train_dataset=prompt_dataset, processing_class=tokenizer)
+
+
+def test_unknown_loss_type_is_named():
+    with pytest.raises(ValueError, match="loss_type='ppo'"):
+        trl_integration.trl_algorithm("ppo")
 
 
 # -----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from packaging.version import Version
 
-from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
+from vimpo_kernels import ALGORITHMS, VIMPOConfig, fused_vimpo_loss
 from vimpo_kernels._backends import BACKENDS
 from vimpo_kernels.vimpo_loss import AdaptiveCoeffState, group_baseline
 
@@ -60,14 +60,24 @@ check_trl_version(trl.__version__)
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-# TRL `loss_type` -> our `loss_agg_mode`. The normalisers that differ (global token count for
-# dapo, all rows for grpo/dr_grpo) are passed as num_tokens / num_sequences in `_trl_normaliser`.
-_TRL_AGGREGATION = {
-    "grpo": "seq-mean-token-mean",
-    "bnpo": "token-mean",
-    "dr_grpo": "seq-mean-token-sum-norm",
-    "dapo": "token-mean",
+# TRL 1.16 `loss_type` -> (our `loss_agg_mode`, TRL's normaliser). The normaliser says what
+# `_loss_kwargs` passes and what the loss is divided by afterwards:
+#   "global_tokens": valid tokens of the accumulation window (num_items_in_batch), no division;
+#   "local_tokens":  valid tokens of the micro-batch, divided by the accumulation steps;
+#   "rows":          every row of the micro-batch (also empty ones), divided by the accumulation steps.
+_TRL_LOSS_TYPES = {
+    "grpo": ("seq-mean-token-mean", "rows"),
+    "bnpo": ("token-mean", "local_tokens"),
+    "dr_grpo": ("seq-mean-token-sum-norm", "rows"),
+    "dapo": ("token-mean", "global_tokens"),
+    "cispo": ("token-mean", "global_tokens"),
+    "sapo": ("seq-mean-token-mean", "rows"),
+    "luspo": ("seq-mean-token-sum", "rows"),
+    "vespo": ("token-mean", "global_tokens"),
 }
+# TRL's loss types whose policy term is PPO's clip on coef_1 (the others name their own term,
+# which is the registry's `policy_loss` of the same name).
+_TRL_PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # TRL has no dual clip unless `delta` is set; a finite stand-in keeps VIMPOConfig's check
 # (c > 1, finite). -A * c only wins the min for A < 0 and ratio > c, which never happens.
 _NO_DUAL_CLIP = 1e30
@@ -143,21 +153,76 @@ def _check_backend_name(name: str, backend: str) -> None:
 
 
 def grpo_family_config(args: GRPOConfig) -> VIMPOConfig:
-    """Our `VIMPOConfig` that reproduces TRL's loss for `args` (loss_type grpo/bnpo/dr_grpo/dapo).
+    """Our `VIMPOConfig` that reproduces TRL's loss for `args`: the registry algorithm with TRL's
+    policy term (`trl_algorithm`), TRL's aggregation for its `loss_type`, and TRL's options under
+    our names (docs/algorithms.md, "Options").
 
     TRL's `delta` (two-sided clip) equals our dual clip c: for A < 0 both cap the loss at
-    -A*delta, for A > 0 the upper PPO clip already binds first.
+    -A*delta, for A > 0 the upper PPO clip already binds first. TRL applies `delta` to the
+    PPO-clip loss types only, and so do we.
     """
     _check_grpo_family_args(args)
-    low = args.epsilon
-    high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    return VIMPOConfig(
-        algorithm="dapo" if args.loss_type == "dapo" else "grpo",
-        loss_agg_mode=_TRL_AGGREGATION[args.loss_type],
+    name = trl_algorithm(args.loss_type, args.importance_sampling_level)
+    agg, _ = _TRL_LOSS_TYPES[args.loss_type]
+    return VIMPOConfig.for_algorithm(
+        name, loss_agg_mode=agg,
         loss_agg_norm_len=args.max_completion_length if args.loss_type == "dr_grpo" else None,
-        clip_ratio_low=float(low), clip_ratio_high=float(high),
-        clip_ratio_c=float(args.delta) if args.delta is not None else _NO_DUAL_CLIP,
-        kl_loss_coeff=float(args.beta), temperature=float(args.temperature))
+        kl_loss_coeff=float(args.beta), temperature=float(args.temperature),
+        sapo_temperature_pos=float(args.sapo_temperature_pos), sapo_temperature_neg=float(args.sapo_temperature_neg),
+        vespo_k_pos=float(args.vespo_k_pos), vespo_lambda_pos=float(args.vespo_lambda_pos),
+        vespo_k_neg=float(args.vespo_k_neg), vespo_lambda_neg=float(args.vespo_lambda_neg),
+        **_clip_fields(args))
+
+
+def trl_algorithm(loss_type: str, importance_sampling_level: str = "token") -> str:
+    """The registry algorithm whose policy term is TRL's for (`loss_type`,
+    `importance_sampling_level`): the one with TRL's policy loss (PPO clip for grpo, bnpo,
+    dr_grpo, dapo, luspo) at that ratio level, named like the loss type when one is (e.g. `dapo`,
+    `luspo`), else the registry's first (`grpo` per token, `gspo` per sequence). Aggregation and
+    clip band are set by `grpo_family_config`, so only the policy term matters here.
+    Raises ValueError naming the option when the registry has no such algorithm."""
+    if loss_type not in _TRL_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not available on the fused loss; use one of "
+                         f"{sorted(_TRL_LOSS_TYPES)}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r}: use 'token' or 'sequence'")
+    policy = "ppo_clip" if loss_type in _TRL_PPO_LOSS_TYPES else loss_type
+    # TRL's VESPO builds its own sequence weight from the token log-ratios whatever the level
+    # (the level's ratio feeds only its KL bias correction, which we refuse): same loss.
+    level = "token" if loss_type == "vespo" else importance_sampling_level
+    names = [a.name for a in ALGORITHMS.values()
+             if a.policy_loss == policy and a.ratio_level == level and a.advantages_suffice]
+    if not names:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r} with loss_type={loss_type!r}: "
+                         f"the fused loss has no {loss_type} on a {level}-level ratio; use "
+                         "importance_sampling_level='token'")
+    return loss_type if loss_type in names else names[0]
+
+
+def _clip_fields(args: GRPOConfig) -> dict:
+    """TRL's `epsilon`, `epsilon_high` and `delta` as our clip fields, for the loss types that
+    read them (SAPO and VESPO read none: the preset's values stay, unused)."""
+    low = float(args.epsilon)
+    high = float(args.epsilon_high) if args.epsilon_high is not None else low  # TRL's default
+    if args.loss_type == "cispo":
+        # TRL caps the detached weight at epsilon_high itself (no lower bound); our band is
+        # [1 - clip_ratio_low, 1 + clip_ratio_high], so the cap is 1 + clip_ratio_high with the
+        # lower bound at 0.
+        if high < 1.0:
+            raise ValueError(f"epsilon_high={high} with loss_type='cispo' caps every importance weight below 1 "
+                             "(TRL's default epsilon_high=None takes epsilon); the fused CISPO needs a cap >= 1: "
+                             "set epsilon_high (TRL's docs recommend 5.0)")
+        return {"clip_ratio_low": 1.0, "clip_ratio_high": high - 1.0}
+    if args.loss_type not in _TRL_PPO_LOSS_TYPES:
+        return {}
+    if not 0.0 <= low <= 1.0:
+        raise ValueError(f"epsilon={low}: the lower clip 1 - epsilon must lie in [0, 1]")
+    if high < 0.0:
+        raise ValueError(f"epsilon_high={high}: must be >= 0")
+    if args.delta is not None and not args.delta > 1.0:
+        raise ValueError(f"delta={args.delta}: the two-sided clip must be > 1 (our dual clip c > 1)")
+    return {"clip_ratio_low": low, "clip_ratio_high": high,
+            "clip_ratio_c": float(args.delta) if args.delta is not None else _NO_DUAL_CLIP}
 
 
 # -----------------------------------------------------------------------------------------
@@ -166,7 +231,6 @@ def grpo_family_config(args: GRPOConfig) -> VIMPOConfig:
 
 def _check_common_args(args: GRPOConfig) -> None:
     unsupported = {
-        "importance_sampling_level": (args.importance_sampling_level != "token", "only 'token' is supported"),
         "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0) < 1.0, "entropy masking needs "
                                  "per-token entropy in the loss, not supported yet; use 1.0"),
         "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None) is not None,
@@ -185,9 +249,7 @@ def _check_common_args(args: GRPOConfig) -> None:
 
 def _check_grpo_family_args(args: GRPOConfig) -> None:
     _check_common_args(args)
-    if args.loss_type not in _TRL_AGGREGATION:
-        raise ValueError(f"loss_type={args.loss_type!r} is not available on the fused loss; use one of "
-                         f"{sorted(_TRL_AGGREGATION)}")
+    trl_algorithm(args.loss_type, args.importance_sampling_level)  # raises for what we do not implement
 
 
 def _check_vimpo_args(args: Any) -> None:
@@ -198,6 +260,9 @@ def _check_vimpo_args(args: Any) -> None:
                          "vimpo['beta'] and the exact KL); set beta=0.0")
     if args.delta is not None:
         raise ValueError("delta: VIMPO's dual clip is vimpo['clip_ratio_c']; leave delta=None")
+    if args.importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level={args.importance_sampling_level!r}: VIMPO's actor ratio is "
+                         "per token; use 'token'")
     _check_common_args(args)
 
 
@@ -284,10 +349,12 @@ def _zero3_enabled() -> bool:
 # -----------------------------------------------------------------------------------------
 
 class FusedGRPOTrainer(GRPOTrainer):
-    """TRL's `GRPOTrainer` whose loss (loss_type grpo, bnpo, dr_grpo or dapo) runs on
-    `fused_vimpo_loss` from the final hidden states and the LM head: same arguments, same
-    advantages, clipping, KL penalty, normalisation, gradient accumulation and vLLM importance
-    weights as TRL, without the logits. `vimpo_backend` picks the kernel backend.
+    """TRL's `GRPOTrainer` whose loss (every TRL 1.16 `loss_type`: grpo, bnpo, dr_grpo, dapo,
+    cispo, sapo, luspo, vespo; `importance_sampling_level` "token", or "sequence" for the PPO-clip
+    types, i.e. GSPO) runs on `fused_vimpo_loss` from the final hidden states and the LM head:
+    same arguments, same advantages, clipping, KL penalty, normalisation, gradient accumulation
+    and vLLM importance weights as TRL, without the logits. `vimpo_backend` picks the kernel
+    backend; `grpo_family_config(args)` is the `VIMPOConfig` it uses.
     """
 
     def __init__(self, *args: Any, vimpo_backend: str = "auto", **kwargs: Any) -> None:
@@ -354,17 +421,17 @@ class FusedGRPOTrainer(GRPOTrainer):
         """Per-call loss arguments, and what TRL divides the loss by afterwards (accumulation)."""
         kwargs: dict[str, Any] = {"advantages": inputs["advantages"], **self._policy_ratio_inputs(inputs, mask)}
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        loss_type = self.args.loss_type
-        if loss_type == "dapo":
-            # TRL: tokens of the accumulation window of this process (num_items_in_batch spans the
-            # generation batch of all processes), and no further division.
+        _, normaliser = _TRL_LOSS_TYPES[self.args.loss_type]
+        if normaliser == "global_tokens":
+            # TRL (dapo, cispo, vespo): tokens of the accumulation window of this process
+            # (num_items_in_batch spans the generation batch of all processes), no further division.
             n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             return {**kwargs, "num_tokens": n}, 1
-        if loss_type == "bnpo":
+        if normaliser == "local_tokens":
             return {**kwargs, "num_tokens": mask.sum().clamp(min=1.0)}, accumulation
-        # grpo, dr_grpo: TRL averages over every row, also rows whose mask is empty.
+        # grpo, sapo, dr_grpo, luspo: TRL averages over every row, also rows whose mask is empty.
         return {**kwargs, "num_sequences": float(mask.size(0))}, accumulation
 
     def _policy_ratio_inputs(self, inputs, mask) -> dict[str, Any]:
