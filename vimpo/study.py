@@ -430,11 +430,14 @@ def plot_study(rows: list[dict], path: Path) -> Path:
     conditions = sorted({(r["noise"], *_channel(r)[:2]) for r in rows})
     lines = sorted({(r["algorithm"], _channel(r)[2]) for r in rows},
                    key=lambda k: (_algo_order(k[0]), _correction_order(k[1])))
-    fig, axes = plt.subplots(len(tasks), len(conditions), figsize=(3.6 * len(conditions), 3.0 * len(tasks)),
-                             squeeze=False, sharey="row")
+    width = 3.6 * len(conditions) + (2.0 if len(lines) > 4 else 0.0)
+    fig, axes = plt.subplots(len(tasks), len(conditions), figsize=(width, 3.0 * len(tasks)), squeeze=False,
+                             sharey="row")
     palette = plt.get_cmap("tab20").colors
     colors = {a: palette[(2 * i) % 20 + (i >= 10)] for i, a in enumerate(ALGORITHMS)}
-    colors.update(vimpo="tab:red", grpo="tab:blue", dr_grpo="tab:green", dapo="tab:orange")  # the grid's figure
+    # The grid's figure keeps its colours; GN-IVO (the 11th, which tab20 would give grpo's light
+    # blue) is black.
+    colors.update(vimpo="tab:red", grpo="tab:blue", dr_grpo="tab:green", dapo="tab:orange", gn_ivo="black")
     for i, task in enumerate(tasks):
         for j, (noise, fp, fn) in enumerate(conditions):
             ax = axes[i][j]
@@ -459,10 +462,14 @@ def plot_study(rows: list[dict], path: Path) -> Path:
                 ax.set_xlabel("RL step")
             if j == 0:
                 ax.set_ylabel("held-out accuracy")
-            if i == 0 and (j == 0 or len(lines) > 4):
-                ax.legend(fontsize=6, loc="lower right")
     fig.suptitle("held-out greedy accuracy: mean over seeds (line), min-max (band)", fontsize=10)
-    fig.tight_layout()
+    if len(lines) > 4:  # many lines: one legend beside the panels, not over the curves
+        handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(handles.values(), handles.keys(), fontsize=7, loc="center right")
+        fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    else:
+        axes[0][0].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

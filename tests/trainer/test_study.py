@@ -1,5 +1,6 @@
-"""`vimpo study`: rows, table, plot and resume on synthetic runs (fast); the quick preset end
-to end (slow tier)."""
+"""`vimpo study`: rows, table, plot and resume on synthetic runs (fast); the verifier /
+correction axis and GN-IVO through the `families-smoke` preset end to end (default tier, ~40 s);
+the quick preset end to end (slow tier)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,83 @@ def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
     cmd = jobs["runs"][0][1]
     assert "reward.noise_flip_prob=0.2" in cmd or "reward.noise_flip_prob=0.0" in cmd
     assert any(c.startswith("model.name_or_path=") and c.endswith("/sft") for c in cmd) and "sft.steps=0" in cmd
+
+
+def test_algorithms_come_from_the_registry():
+    from vimpo_kernels import ALGORITHMS
+
+    assert st.ALGORITHMS == tuple(ALGORITHMS) and "gn_ivo" in st.ALGORITHMS
+    assert st.PRESETS["full"].algorithms == ("vimpo", "grpo", "dr_grpo", "dapo")  # the documented grid
+    with pytest.raises(ValueError, match="algorithms"):
+        st.check_preset(st.Preset(algorithms=("vimpo", "ppo")))
+    with pytest.raises(ValueError, match="verifier"):
+        st.check_preset(st.Preset(verifier=((0.6, 0.5),)))
+
+
+def test_verifier_axis_runs_each_correction_under_noise_only(tmp_path):
+    preset = st.Preset(tasks=("addition",), algorithms=("grpo", "gn_ivo"), noise=(0.0,),
+                       verifier=(st.CLEAN, (0.2, 0.1)), corrections=("none", "backward", "forward"), seeds=(0,))
+    study = st.Study(tmp_path, preset)
+    runs = study.runs()
+    # clean: no correction (nothing to correct); noisy: each correction; x 2 algorithms
+    assert [(r.fp_rate, r.fn_rate, r.correction) for r in runs[::2]] == [
+        (0.0, 0.0, "none"), (0.2, 0.1, "none"), (0.2, 0.1, "backward"), (0.2, 0.1, "forward")]
+    assert len({r.id for r in runs}) == 8
+    assert runs[0].id == "addition-grpo-noise0-seed0"  # ids of grids before the axis are unchanged
+    assert runs[-1].id == "addition-gn_ivo-noise0-fp0.2-fn0.1-forward-seed0"
+    cmd = study._train_cmd(runs[4])
+    for key in ("reward.noise_fp_rate=0.2", "reward.noise_fn_rate=0.1", "reward.correction=backward",
+                "reward.correction_fp_rate=0.2", "reward.correction_fn_rate=0.1", "reward.noise_seed=0",
+                "algorithm.name=grpo"):
+        assert key in cmd, key
+
+
+def _row(algo, seed, final, fp=0.2, fn=0.1, correction="none"):
+    return {"task": "addition", "noise": 0.0, "algorithm": algo, "seed": seed, "fp_rate": fp, "fn_rate": fn,
+            "correction": correction, "start_accuracy": 0.3, "final_accuracy": final, "best_accuracy": final,
+            "auc": final, "collapsed": False, "evals": [[0, 0.3], [10, final]]}
+
+
+def test_correction_tables(tmp_path):
+    rows = [_row("grpo", s, 0.5) for s in (0, 1)] + [_row("grpo", 0, 0.6, correction="forward"),
+                                                      _row("grpo", 1, 0.4, correction="forward"),
+                                                      _row("vimpo", 0, 0.55), _row("vimpo", 1, 0.5)]
+    table = st.summary_table(rows)
+    assert "| addition | 0 | 0.2 / 0.1 | forward | grpo | 2 | 0.300 [0.300-0.300] | 0.500 [0.400-0.600] |" in table
+    assert table.index("| vimpo |") < table.index("| grpo |")  # registry order
+    assert ("| addition | 0 | 0.2 / 0.1 | grpo | forward | 2 | 0.000 [-0.100-0.100] | 0.000 [-0.100-0.100] | "
+            "1 / 0 / 1 |") in st.correction_table(rows)
+    assert "| addition | 0 | 0.2 / 0.1 | none | grpo | 2 | 0.025 [0.000-0.050] |" in st.paired_table(rows)
+    assert st.correction_table([_row("grpo", 0, 0.5)]) == ""
+    assert st.plot_study(rows, tmp_path / "acc.png").stat().st_size > 0
+
+
+def test_families_smoke_preset_applies_the_corrections(tmp_path):
+    """GN-IVO under a noisy verifier (fp 0.3, fn 0.2), once per correction, end to end. The rows
+    carry the trainer's own means of the rewards before (raw) and after (corrected) the
+    correction: they must differ by the correction's affine map, so the test fails if the
+    `reward.correction` key did not reach the loss's rewards (or the noise did not happen)."""
+    out = tmp_path / "families-smoke"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "vimpo.cli", "study", "--preset", "families-smoke", "--workers", "2",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["correction"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"none", "backward", "forward"} and all(r["ok"] for r in rows.values())
+    fp, fn = 0.3, 0.2
+    for correction, r in rows.items():
+        assert r["algorithm"] == "gn_ivo" and r["steps"] == 2
+        assert r["config"]["reward"]["correction"] == correction
+        assert (r["config"]["reward"]["noise_fp_rate"], r["config"]["reward"]["noise_fn_rate"]) == (fp, fn)
+        assert r["false_positive_frac"] > 0, "the noisy verifier did not act"
+    # Per run (the updates differ, so step 2's rollouts may too); the maps are affine, so they
+    # hold for the means over steps.
+    raw = {c: r["mean_reward_raw"] for c, r in rows.items()}
+    assert rows["none"]["mean_reward_corrected"] == pytest.approx(raw["none"])
+    assert rows["backward"]["mean_reward_corrected"] == pytest.approx((raw["backward"] - fp) / (1 - fp - fn), abs=1e-6)
+    assert rows["forward"]["mean_reward_corrected"] == pytest.approx(raw["forward"] + fn - 1, abs=1e-6)
+    summary = (out / "summary.md").read_text()
+    assert "| gn_ivo | backward |" in summary and "| gn_ivo | forward |" in summary
 
 
 @pytest.mark.slow
