@@ -155,7 +155,7 @@ def _check_backend_name(name: str, backend: str) -> None:
 def grpo_family_config(args: GRPOConfig) -> VIMPOConfig:
     """Our `VIMPOConfig` that reproduces TRL's loss for `args`: the registry algorithm with TRL's
     policy term (`trl_algorithm`), TRL's aggregation for its `loss_type`, and TRL's options under
-    our names (docs/algorithms.md, "Options").
+    our names (docs/algorithms.md, "TRL's `GRPOConfig` on this engine").
 
     TRL's `delta` (two-sided clip) equals our dual clip c: for A < 0 both cap the loss at
     -A*delta, for A > 0 the upper PPO clip already binds first. TRL applies `delta` to the
@@ -167,10 +167,7 @@ def grpo_family_config(args: GRPOConfig) -> VIMPOConfig:
     return VIMPOConfig.for_algorithm(
         name, loss_agg_mode=agg,
         loss_agg_norm_len=args.max_completion_length if args.loss_type == "dr_grpo" else None,
-        kl_loss_coeff=float(args.beta), temperature=float(args.temperature),
-        sapo_temperature_pos=float(args.sapo_temperature_pos), sapo_temperature_neg=float(args.sapo_temperature_neg),
-        vespo_k_pos=float(args.vespo_k_pos), vespo_lambda_pos=float(args.vespo_lambda_pos),
-        vespo_k_neg=float(args.vespo_k_neg), vespo_lambda_neg=float(args.vespo_lambda_neg),
+        kl_loss_coeff=float(args.beta), temperature=float(args.temperature), **_family_knobs(args),
         **_clip_fields(args))
 
 
@@ -197,6 +194,17 @@ def trl_algorithm(loss_type: str, importance_sampling_level: str = "token") -> s
                          f"the fused loss has no {loss_type} on a {level}-level ratio; use "
                          "importance_sampling_level='token'")
     return loss_type if loss_type in names else names[0]
+
+
+# TRL's SAPO / VESPO options, named as our fields.
+_FAMILY_KNOBS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg")
+
+
+def _family_knobs(args: GRPOConfig) -> dict:
+    """The SAPO / VESPO options `args` has: releases before those loss types (1.10 is supported
+    for grpo/bnpo/dr_grpo/dapo) lack the fields, and then the presets' values stay, unused."""
+    return {name: float(getattr(args, name)) for name in _FAMILY_KNOBS if hasattr(args, name)}
 
 
 def _clip_fields(args: GRPOConfig) -> dict:
@@ -351,7 +359,7 @@ def _zero3_enabled() -> bool:
 class FusedGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` whose loss (every TRL 1.16 `loss_type`: grpo, bnpo, dr_grpo, dapo,
     cispo, sapo, luspo, vespo; `importance_sampling_level` "token", or "sequence" for the PPO-clip
-    types, i.e. GSPO) runs on `fused_vimpo_loss` from the final hidden states and the LM head:
+    types, i.e. GSPO, and for vespo, whose loss does not read it) runs on `fused_vimpo_loss` from the final hidden states and the LM head:
     same arguments, same advantages, clipping, KL penalty, normalisation, gradient accumulation
     and vLLM importance weights as TRL, without the logits. `vimpo_backend` picks the kernel
     backend; `grpo_family_config(args)` is the `VIMPOConfig` it uses.
