@@ -359,10 +359,11 @@ def _zero3_enabled() -> bool:
 class FusedGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` whose loss (every TRL 1.16 `loss_type`: grpo, bnpo, dr_grpo, dapo,
     cispo, sapo, luspo, vespo; `importance_sampling_level` "token", or "sequence" for the PPO-clip
-    types, i.e. GSPO, and for vespo, whose loss does not read it) runs on `fused_vimpo_loss` from the final hidden states and the LM head:
-    same arguments, same advantages, clipping, KL penalty, normalisation, gradient accumulation
-    and vLLM importance weights as TRL, without the logits. `vimpo_backend` picks the kernel
-    backend; `grpo_family_config(args)` is the `VIMPOConfig` it uses.
+    types, i.e. GSPO, and for vespo, whose loss does not read it) runs on `fused_vimpo_loss` from
+    the final hidden states and the LM head: same arguments, same advantages, clipping, KL
+    penalty, normalisation, gradient accumulation and vLLM importance weights as TRL, without the
+    logits. `vimpo_backend` picks the kernel backend; `grpo_family_config(args)` is the
+    `VIMPOConfig` it uses.
     """
 
     def __init__(self, *args: Any, vimpo_backend: str = "auto", **kwargs: Any) -> None:
