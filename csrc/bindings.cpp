@@ -45,7 +45,7 @@ std::vector<at::Tensor> vimpo_epilogue_tokens(const at::Tensor& logp, const at::
                                               const OptTensor& old_logp, const OptTensor& is_w,
                                               const at::Tensor& mask, const at::Tensor& adv_raw,
                                               const at::Tensor& agg_w, const at::Tensor& dloss_dseq,
-                                              const EpilogueParams& p);
+                                              const at::Tensor& batch, const EpilogueParams& p);
 
 namespace {
 
@@ -157,12 +157,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "vimpo_epilogue_tokens",
       [](const at::Tensor& logp, const at::Tensor& ref, const vimpo::OptTensor& old_logp,
          const vimpo::OptTensor& is_w, const at::Tensor& mask, const at::Tensor& adv_raw, const at::Tensor& agg_w,
-         const at::Tensor& dloss_dseq, const vimpo::Packed& params) {
-        return vimpo::vimpo_epilogue_tokens(logp, ref, old_logp, is_w, mask, adv_raw, agg_w, dloss_dseq,
+         const at::Tensor& dloss_dseq, const at::Tensor& batch, const vimpo::Packed& params) {
+        return vimpo::vimpo_epilogue_tokens(logp, ref, old_logp, is_w, mask, adv_raw, agg_w, dloss_dseq, batch,
                                             vimpo::EpilogueParams::from_packed(params));
       },
       "VIMPO epilogue pass 2 (fp64, (B, T)): [adv, g_logp, g_kl, sums (B, 4): loss, clip, clip_lower, "
-      "-log_ratio]; params: EpilogueParams",
+      "-log_ratio]; batch: float64 (3,) [adv_mean, adv_rstd, actor_coeff] on the data's device; params: "
+      "EpilogueParams",
       py::arg("logp"), py::arg("ref_logp"), py::arg("old_logp"), py::arg("is_w"), py::arg("mask"),
-      py::arg("adv_raw"), py::arg("agg_w"), py::arg("dloss_dseq"), py::arg("params"));
+      py::arg("adv_raw"), py::arg("agg_w"), py::arg("dloss_dseq"), py::arg("batch"), py::arg("params"));
 }

@@ -1,6 +1,7 @@
 // The VIMPO sequence epilogue op (epilogue_math.h): checks, then the two per-sequence passes
 // on the input's device (a device guard makes it current, so the CUDA launches go to that
-// device's current stream). No host synchronization: outputs stay on the device. CPU: sequences spread over ATen's pool, each walked by one thread.
+// device's current stream). No host synchronization: outputs stay on the device, and the
+// batch-level numbers between the passes come in as a device tensor. CPU: sequences spread over ATen's pool, each walked by one thread.
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
 #include <ATen/Parallel.h>
@@ -81,7 +82,8 @@ std::vector<Tensor> vimpo_epilogue_scan(const Tensor& logp, const Tensor& ref, c
 // -> [adv, g_logp, g_kl (None unless want_g_kl), sums (B, 4)]
 std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref, const OptTensor& old_logp,
                                           const OptTensor& is_w, const Tensor& mask, const Tensor& adv_raw,
-                                          const Tensor& agg_w, const Tensor& dloss_dseq, const EpilogueParams& p) {
+                                          const Tensor& agg_w, const Tensor& dloss_dseq, const Tensor& batch,
+                                          const EpilogueParams& p) {
   TORCH_CHECK(logp.dim() == 2, "vimpo epilogue: logp must be (B, T), got ", logp.sizes());
   for (auto& [name, t] : {std::pair<const char*, Tensor>{"logp", logp}, {"ref_logp", ref}, {"mask", mask},
                           {"adv_raw", adv_raw}, {"agg_w", agg_w}})
@@ -89,6 +91,10 @@ std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref,
   if (old_logp.has_value()) check_bt("old_logp", *old_logp, logp);
   if (is_w.has_value()) check_bt("rollout_is_weights", *is_w, logp);
   check_b("dloss_dseq", dloss_dseq, logp);
+  TORCH_CHECK(batch.scalar_type() == at::kDouble && batch.dim() == 1 && batch.size(0) == kEpilogueBatchSize &&
+                  batch.is_contiguous() && batch.device() == logp.device(),
+              "vimpo epilogue: batch must be a contiguous float64 (", int(kEpilogueBatchSize), ",) tensor on ",
+              logp.device(), " ([adv_mean, adv_rstd, actor_coeff])");
   TORCH_CHECK(p.clip_c > 1.0, "vimpo epilogue: clip_ratio_c must be > 1, got ", p.clip_c);
   const at::OptionalDeviceGuard device_guard(at::device_of(logp));
   const int64_t B = logp.size(0), T = logp.size(1);
@@ -97,7 +103,8 @@ std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref,
   Tensor sums = at::empty({B, 4}, logp.options());
   const TokenArgs a{logp.const_data_ptr<double>(), ref.const_data_ptr<double>(), ptr(old_logp), ptr(is_w),
                     mask.const_data_ptr<double>(), adv_raw.const_data_ptr<double>(), agg_w.const_data_ptr<double>(),
-                    dloss_dseq.const_data_ptr<double>(), B, T, p, adv.data_ptr<double>(),
+                    dloss_dseq.const_data_ptr<double>(), B, T, p, batch.const_data_ptr<double>(),
+                    adv.data_ptr<double>(),
                     g_logp.data_ptr<double>(), p.want_g_kl ? g_kl.data_ptr<double>() : nullptr,
                     sums.data_ptr<double>()};
   if (on_cuda(logp)) {
@@ -110,7 +117,7 @@ std::vector<Tensor> vimpo_epilogue_tokens(const Tensor& logp, const Tensor& ref,
         const int64_t o = i * T;
         auto at_o = [o](const double* p) { return p ? p + o : nullptr; };
         const TokenSums s = token_pass(a.logp + o, a.ref + o, at_o(a.old), at_o(a.is_w), a.m + o, a.adv_raw + o,
-                                       a.agg_w + o, T, a.dloss_dseq[i], a.p, a.adv + o, a.g_logp + o,
+                                       a.agg_w + o, T, a.dloss_dseq[i], a.p, a.batch, a.adv + o, a.g_logp + o,
                                        a.g_kl ? a.g_kl + o : nullptr);
         double* out = a.sums + 4 * i;
         out[0] = s.loss;

@@ -19,6 +19,7 @@ struct TokenArgs {
   const double *logp, *ref, *old, *is_w, *m, *adv_raw, *agg_w, *dloss_dseq;  // old, is_w may be null
   int64_t B, T;
   EpilogueParams p;
+  const double* batch;          // EpilogueBatch: [adv_mean, adv_rstd, actor_coeff], on the data's device
   double *adv, *g_logp, *g_kl;  // g_kl may be null
   double* sums;                 // (B, 4): TokenSums per sequence
 };

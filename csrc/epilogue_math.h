@@ -66,9 +66,10 @@ struct TokenSums {
 // `old` null = on-policy (ratio exactly 1); `is_w` null = 1.
 VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const double* old, const double* is_w,
                               const double* m, const double* adv_raw, const double* agg_w, int64_t T,
-                              double dloss_dseq, const EpilogueParams& p, double* adv, double* g_logp,
-                              double* g_kl) {
+                              double dloss_dseq, const EpilogueParams& p, const double* batch, double* adv,
+                              double* g_logp, double* g_kl) {
   const PPOParams ppo = p.ppo();
+  const double adv_mean = batch[kAdvMean], adv_rstd = batch[kAdvRstd], actor_coeff = batch[kActorCoeff];
   TokenSums s{0.0, 0.0, 0.0, 0.0};
   for (int64_t t = 0; t < T; ++t) {
     if (!(m[t] > 0)) {
@@ -76,7 +77,7 @@ VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const doubl
       if (g_kl) g_kl[t] = 0.0;
       continue;
     }
-    const double a = p.whiten ? (adv_raw[t] - p.adv_mean) * p.adv_rstd : adv_raw[t];
+    const double a = p.whiten ? (adv_raw[t] - adv_mean) * adv_rstd : adv_raw[t];
     adv[t] = a;
     const double o = old ? old[t] : logp[t];
     const double w = is_w ? is_w[t] : 1.0;
@@ -98,7 +99,7 @@ VIMPO_HD TokenSums token_pass(const double* logp, const double* ref, const doubl
     if (!p.detach_kl && p.kl_estimator == kKlK2) du_dlogp = p.beta * (1.0 - (logp[t] - ref[t]));
     if (!p.detach_kl && p.kl_estimator == kKlK3) du_dlogp = p.beta * exp(ref[t] - logp[t]);
     const double g_actor = ppo_dloss_dlogp<double>(logp[t], o, a, agg_w[t], w, logp[t], ppo);
-    g_logp[t] = dloss_dseq * du_dlogp + p.actor_coeff * g_actor;
+    g_logp[t] = dloss_dseq * du_dlogp + actor_coeff * g_actor;
     if (g_kl) g_kl[t] = -p.beta * dloss_dseq;
   }
   return s;

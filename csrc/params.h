@@ -137,7 +137,8 @@ struct GrpoParams {
 // The VIMPO sequence epilogue (epilogue_math.h), both passes and both devices (the CUDA
 // kernels take it by value): `vimpo_epilogue_scan` reads beta, lam and kl_estimator;
 // `vimpo_epilogue_tokens` every field but lam. The whitening statistics and the actor
-// coefficient are batch-level numbers formed between the two passes.
+// coefficient are batch-level numbers formed between the two passes: they travel as a device
+// tensor (`EpilogueBatch`), not here, so forming them never reads a device value on the host.
 struct EpilogueParams {
   static constexpr const char* kName = "EpilogueParams";
   double beta = 0.0;          // the log-ratio scale of the token term
@@ -145,9 +146,6 @@ struct EpilogueParams {
   int64_t kl_estimator = 0;   // KlEstimator: 0 = the given token KL, 2 = k2, 3 = k3
   bool detach_kl = false;     // no gradient through the KL term
   bool whiten = false;        // adv = (adv_raw - adv_mean) * adv_rstd on valid tokens
-  double adv_mean = 0.0;
-  double adv_rstd = 0.0;
-  double actor_coeff = 0.0;   // c_A, the PPO loss's weight
   double clip_low = 0.0;
   double clip_high = 0.0;
   double clip_c = 0.0;
@@ -160,9 +158,6 @@ struct EpilogueParams {
     f("kl_estimator", kl_estimator);
     f("detach_kl", detach_kl);
     f("whiten", whiten);
-    f("adv_mean", adv_mean);
-    f("adv_rstd", adv_rstd);
-    f("actor_coeff", actor_coeff);
     f("clip_low", clip_low);
     f("clip_high", clip_high);
     f("clip_c", clip_c);
@@ -176,5 +171,9 @@ struct EpilogueParams {
   // The PPO constants of the token pass (no KL penalty: the KL enters through the value loss).
   VIMPO_HD PPOParams ppo() const { return PPOParams{clip_low, clip_high, clip_c, 0.0}; }
 };
+
+// The batch-level numbers of `vimpo_epilogue_tokens`, a float64 (3,) tensor on the data's
+// device, read by the kernels in place (vimpo_kernels/params.py EPILOGUE_BATCH mirrors it).
+enum EpilogueBatch : int { kAdvMean = 0, kAdvRstd = 1, kActorCoeff = 2, kEpilogueBatchSize = 3 };
 
 }  // namespace vimpo

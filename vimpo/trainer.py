@@ -48,7 +48,8 @@ from .monitor import CollapseMonitor, Limits, emit
 from .model import (PolicyWithReference, SequenceBatch, context_length, frozen_copy, lm_head, load_policy,
                     response_hidden, shard)
 from .plot import plot_metrics
-from .rewards import backward_correction, flip_group_rewards, forward_weights, load_reward_fn, score, verifier_noise
+from .rewards import (backward_correction, corrected_advantages, flip_group_rewards, forward_weights, load_reward_fn,
+                      score, verifier_noise)
 from .rollout import Rollouts, left_pad, make_rollout
 from .train_config import Config, ConfigError, save_config
 
@@ -250,8 +251,10 @@ def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, c
     rewards become advantages, and where the noisy-verifier corrections hook in (docs/math.md,
     "Noisy-verifier corrections").
 
-    backward: R^ = (R~ - rho0) / (1 - rho0 - rho1) replaces the reward, then the usual group
-      baseline (VIMPO) / advantages (GRPO family) are formed from R^;
+    backward: R^ = (R~ - rho0) / (1 - rho0 - rho1) replaces the reward; VIMPO forms its group
+      baseline from R^; the GRPO family takes the paper's coefficient R^_i minus the mean of R^
+      over the other members of i's group (leave-one-out, no std: a group z-score would cancel
+      the correction; Cai et al., App. B.2-B.4); GN-IVO's softmax scores are R^ itself;
     forward:  w = R~ + rho1 - 1 is each sample's score-function weight: the GRPO-family advantage
       as it is, and VIMPO's target (baseline 0). No group centring or std normalisation follows:
       w is R~ shifted by a constant, which a group mean would cancel exactly."""
@@ -265,7 +268,11 @@ def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, c
             extra["baseline"] = torch.zeros_like(rewards)
         return rewards, extra
     if r.correction == "backward":
-        rewards = backward_correction(rewards, r.correction_fp_rate, r.correction_fn_rate)
+        raw, rewards = rewards, backward_correction(rewards, r.correction_fp_rate, r.correction_fn_rate)
+        if loss_cfg.is_grpo_family and loss_cfg.policy_loss != "gn_ivo":
+            extra["advantages"] = corrected_advantages(raw, group_ids, "backward", r.correction_fp_rate,
+                                                       r.correction_fn_rate)
+            return rewards, extra
     if loss_cfg.is_grpo_family:
         extra["advantages"] = grpo_advantages(rewards, group_ids, norm_by_std=loss_cfg.grpo_norm_by_std,
                                               epsilon=loss_cfg.grpo_epsilon)

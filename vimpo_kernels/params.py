@@ -109,8 +109,8 @@ class GrpoParams(_Packed):
 class EpilogueParams(_Packed):
     """Scalars of the VIMPO sequence epilogue (csrc/epilogue_math.h). `vimpo_epilogue_scan`
     reads `beta`, `lam` and `kl_estimator`; `vimpo_epilogue_tokens` every field but `lam`. The
-    batch-level numbers (`adv_mean`, `adv_rstd`, `actor_coeff`) are formed between the passes:
-    build the params from the config, then `dataclasses.replace` them in."""
+    batch-level numbers formed between the passes travel as a device tensor (`EPILOGUE_BATCH`),
+    so that forming them never reads a device value on the host."""
 
     beta: float
     """Scale of the token term u = beta (logp - ref_logp - k)."""
@@ -122,12 +122,6 @@ class EpilogueParams(_Packed):
     """No gradient through the KL term of u."""
     whiten: bool
     """Whiten the advantage: (adv_raw - adv_mean) * adv_rstd on valid tokens."""
-    adv_mean: float = 0.0
-    """Whitening mean of the raw advantage over valid tokens (all-reduced under data parallelism)."""
-    adv_rstd: float = 1.0
-    """Whitening 1 / std of the raw advantage."""
-    actor_coeff: float = 0.0
-    """c_A: the weight of the PPO actor loss in the total loss."""
     clip_low: float
     """PPO clip: the ratio's floor is 1 - clip_low."""
     clip_high: float
@@ -136,6 +130,11 @@ class EpilogueParams(_Packed):
     """Dual-clip constant (> 1)."""
     want_g_kl: bool = False
     """Also return d loss / d token_kl (a given KL that is not detached)."""
+
+# The float64 (3,) `batch` tensor of `vimpo_epilogue_tokens` (csrc/params.h `EpilogueBatch`):
+# the whitening mean and 1 / std of the raw advantage over valid tokens (all-reduced under data
+# parallelism) and c_A, the weight of the PPO actor loss.
+EPILOGUE_BATCH = ("adv_mean", "adv_rstd", "actor_coeff")
 
 # Every params dataclass by its struct name in csrc/params.h.
 PARAMS_SPECS = {cls.__name__: cls for cls in (TokenStatsParams, GrpoParams, EpilogueParams)}

@@ -1,4 +1,12 @@
-"""Input checks for the VIMPO loss: clear errors naming the argument, before any math runs."""
+"""Input checks for the VIMPO loss: clear errors naming the argument, before any math runs.
+
+Checks of shapes, dtypes and devices are free. Checks of *values* (NaN, mask entries, token-id
+range) read a device value on the host: one synchronization each in eager mode, where the clear
+`ValueError` before any kernel is worth it. While `torch.compile` traces, or a CUDA graph is
+captured, a host read is impossible (a graph break, a capture error), so the same conditions
+become asynchronous device-side asserts (`torch._assert_async`) with the same message: the
+check still holds, the error arrives when the stream reaches it.
+"""
 
 from __future__ import annotations
 
@@ -26,26 +34,43 @@ def check_tensor(name: str, x, *, shape=None, floating=None, integer=False, devi
         raise ValueError(f"{name} is on {x.device} but the other inputs are on {device}")
 
 
+def host_reads_allowed() -> bool:
+    """False while `torch.compile` traces or the current CUDA stream is capturing a graph: then
+    no code path may read a device value on the host (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def require(ok: torch.Tensor, message: str, *, detail=None) -> None:
+    """Raise `ValueError(message)` unless the boolean tensor `ok` is true: on the host in eager
+    mode (one sync), as an asynchronous device-side assert while tracing or capturing.
+    `detail`: a callable giving a more precise message from the data, used on the host only."""
+    if host_reads_allowed():
+        if not bool(ok):
+            raise ValueError(detail() if detail is not None else message)
+    else:
+        torch._assert_async(ok, message)
+
+
 def check_finite(name: str, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
     """NaN policy 'raise': a non-finite value where it is used is an error (one device sync)."""
-    vals = x.detach()
-    if valid is not None:
-        vals = vals[valid] if vals.shape == valid.shape else vals
-    if not bool(torch.isfinite(vals).all()):
-        where = "at a valid (mask=1) position " if valid is not None else ""
-        raise ValueError(f"{name} contains NaN or Inf {where}(nan_policy='raise'; set "
-                         "VIMPOConfig(nan_policy='ignore') to skip this check)")
+    finite = torch.isfinite(x.detach())
+    if valid is not None and finite.shape == valid.shape:
+        finite = finite | ~valid  # where a position is unused its value does not matter
+    where = "at a valid (mask=1) position " if valid is not None else ""
+    require(finite.all(), f"{name} contains NaN or Inf {where}(nan_policy='raise'; set "
+                          "VIMPOConfig(nan_policy='ignore') to skip this check)")
 
 
 def check_mask(mask: torch.Tensor, shape, device) -> torch.Tensor:
     check_tensor("mask", mask, shape=shape, device=device)
     if mask.is_complex():
         raise TypeError(f"mask must be bool, integer or float 0/1, got {mask.dtype}")
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must contain only 0 and 1")
+    if mask.dtype != torch.bool:
+        require(((mask == 0) | (mask == 1)).all(), "mask must contain only 0 and 1")
     valid = mask.bool()
-    if not bool(valid.any()):
-        raise ValueError("mask has no valid token: the loss of an empty micro-batch is undefined")
+    require(valid.any(), "mask has no valid token: the loss of an empty micro-batch is undefined")
     return valid
 
 
@@ -160,10 +185,15 @@ def check_token_stats_inputs(hidden, weight, targets, bias, ref_hidden, ref_weig
 
 
 def check_target_range(targets: torch.Tensor, vocab: int) -> None:
+    """Every token id in [0, vocab) (the ids of the rows the kernels will read)."""
     if targets.numel() == 0:
         return
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= vocab:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"targets contains token id {bad} outside the vocabulary [0, {vocab}) "
-                         "(mask out padding positions with `mask`)")
+
+    def message():
+        lo, hi = int(targets.min()), int(targets.max())
+        return (f"targets contains token id {lo if lo < 0 else hi} outside the vocabulary [0, {vocab}) "
+                "(mask out padding positions with `mask`)")
+
+    inside = (targets >= 0) & (targets < vocab)
+    require(inside.all(), f"targets contains a token id outside the vocabulary [0, {vocab}) (mask out padding "
+                          "positions with `mask`)", detail=message)

@@ -28,7 +28,7 @@ __global__ void tokens_kernel(TokenArgs a) {
   if (i >= a.B) return;
   const int64_t o = i * a.T;
   const TokenSums s = token_pass(a.logp + o, a.ref + o, a.old ? a.old + o : nullptr, a.is_w ? a.is_w + o : nullptr,
-                                 a.m + o, a.adv_raw + o, a.agg_w + o, a.T, a.dloss_dseq[i], a.p, a.adv + o,
+                                 a.m + o, a.adv_raw + o, a.agg_w + o, a.T, a.dloss_dseq[i], a.p, a.batch, a.adv + o,
                                  a.g_logp + o, a.g_kl ? a.g_kl + o : nullptr);
   double* out = a.sums + 4 * i;
   out[0] = s.loss;

@@ -208,14 +208,11 @@ def test_token_statistics_never_import_the_loss_package():
     assert not offenders, offenders
 
 
-def test_deterministic_mode_keeps_atomics_out(gpu_with_triton_only, monkeypatch):
-    """Under torch.use_deterministic_algorithms(True) the Triton kernels (atomic accumulation)
-    are refused when asked for and skipped by auto."""
+def test_deterministic_mode_keeps_triton_with_its_fixed_order_backward(gpu_with_triton_only, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) Triton stays eligible, asked for or by
+    auto: its deterministic backward replaces the atomics by fixed-order owner kernels
+    (the refusal of a backend without a deterministic mode: tests/kernels/test_backends.py)."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    with pytest.raises(ValueError, match="deterministic algorithms"):
-        plan("triton", cuda, torch.bfloat16)
-    status = dict(gpu_with_triton_only.backend_status())
-    status["cuda"] = (True, "simulated")
-    monkeypatch.setattr(gpu_with_triton_only, "backend_status", lambda: status)
-    assert plan("auto", cuda, torch.bfloat16, kl="exact").backend == "cuda"
+    assert plan("triton", cuda, torch.bfloat16).backend == "triton"
+    assert plan("auto", cuda, torch.bfloat16, kl="exact").backend == "triton"

@@ -101,7 +101,7 @@ def test_every_op_rejects_a_wrong_pack(ext):
         (GrpoParams, lambda p: ext.grpo_forward_grad(h, w, None, t, None, row, row, None, None, p)),
         (GrpoParams, lambda p: ext.grpo_dloss_dlogp(row, None, row, row, None, None, p)),
         (EpilogueParams, lambda p: ext.vimpo_epilogue_scan(bt, bt, None, bt, p)),
-        (EpilogueParams, lambda p: ext.vimpo_epilogue_tokens(bt, bt, None, None, bt, bt, bt, b, p)),
+        (EpilogueParams, lambda p: ext.vimpo_epilogue_tokens(bt, bt, None, None, bt, bt, bt, b, b.new_zeros(3), p)),
     ]
     for cls, call in calls:
         with pytest.raises(RuntimeError, match=rf"{cls.__name__}: expected {len(cls.names())} packed values"):
@@ -109,3 +109,16 @@ def test_every_op_rejects_a_wrong_pack(ext):
     # The custom op reads the same pack.
     with pytest.raises(RuntimeError, match=r"TokenStatsParams: expected 9 packed values"):
         torch.ops.vimpo.compiled_token_stats(h, w, None, t, None, None, None, short[TokenStatsParams])
+
+
+def test_the_epilogue_batch_tensor_is_named_as_in_python(ext):
+    """csrc/params.h `EpilogueBatch` and params.py `EPILOGUE_BATCH`: same size, same order (the
+    C++ check names its slots in order)."""
+    from vimpo_kernels.params import EPILOGUE_BATCH
+
+    bt, b = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    pack = _distinct(EpilogueParams).pack()
+    slots = r"\[" + ", ".join(EPILOGUE_BATCH) + r"\]"
+    for bad in (b.new_zeros(len(EPILOGUE_BATCH) + 1), b.new_zeros(len(EPILOGUE_BATCH)).float()):
+        with pytest.raises(RuntimeError, match=rf"batch must be a contiguous float64 \({len(EPILOGUE_BATCH)},\).*{slots}"):
+            ext.vimpo_epilogue_tokens(bt, bt, None, None, bt, bt, bt, b, bad, pack)

@@ -150,10 +150,11 @@ def test_vimpo_target_backward_rescales_forward_drops_the_group_mean():
 
 
 def test_dr_grpo_advantages_backward_rescales_forward_is_the_weight():
+    """Backward: the leave-one-out coefficient, K / (K - 1) times the group-centred R^ (K = 4)."""
     _, _, _, e0 = _inputs("dr_grpo", "none")
     _, _, _, eb = _inputs("dr_grpo", "backward")
     _, _, _, ef = _inputs("dr_grpo", "forward")
-    torch.testing.assert_close(eb["advantages"], e0["advantages"] / (1 - RHO0 - RHO1))
+    torch.testing.assert_close(eb["advantages"], e0["advantages"] * 4 / 3 / (1 - RHO0 - RHO1))
     torch.testing.assert_close(ef["advantages"], REWARDS + RHO1 - 1)
     # Had the forward weight been group-centred, it would be the uncorrected advantage exactly:
     w = ef["advantages"]
@@ -161,12 +162,17 @@ def test_dr_grpo_advantages_backward_rescales_forward_is_the_weight():
     torch.testing.assert_close(centred, e0["advantages"])
 
 
-def test_std_normalised_grpo_cancels_the_backward_correction():
-    """(R^ - mean) / (std(R^) + eps) = (R~ - mean) / (std(R~) + eps (1 - rho0 - rho1)): equal up to
-    the eps term, so under std normalisation the backward correction does (almost) nothing."""
+def test_std_normalised_grpo_takes_the_papers_coefficient_not_the_z_score():
+    """(R^ - mean) / (std(R^) + eps) would equal the uncorrected z-score up to eps, cancelling
+    the backward correction; the trainer passes the paper's leave-one-out coefficient instead,
+    for every GRPO-family loss (Cai et al., App. B.4)."""
+    from vimpo_kernels.vimpo_loss.reference import grpo_advantages
+
     _, _, _, e0 = _inputs("grpo", "none")
-    _, _, _, eb = _inputs("grpo", "backward")
-    torch.testing.assert_close(eb["advantages"], e0["advantages"], rtol=1e-5, atol=1e-6)
+    _, _, rb, eb = _inputs("grpo", "backward")
+    z_of_corrected = grpo_advantages(rb, GROUPS, norm_by_std=True)
+    torch.testing.assert_close(z_of_corrected, e0["advantages"], rtol=1e-5, atol=1e-6)  # what it avoids
+    torch.testing.assert_close(eb["advantages"], corrected_advantages(REWARDS, GROUPS, "backward", RHO0, RHO1))
     _, _, _, ef = _inputs("grpo", "forward")
     torch.testing.assert_close(ef["advantages"], REWARDS + RHO1 - 1)  # forward bypasses the normalisation
 
@@ -184,13 +190,16 @@ def _policy_grad(loss_cfg, rewards, extra):
     return g
 
 
-@pytest.mark.parametrize("algorithm, scale", [("dr_grpo", 1 / (1 - RHO0 - RHO1)), ("grpo", 1.0)])
-def test_backward_changes_the_policy_gradient_where_it_should(algorithm, scale):
-    """On-policy, the GRPO-family gradient is linear in the advantage: Dr.GRPO's is scaled by
-    1 / (1 - rho0 - rho1), std-normalised GRPO's is unchanged (up to eps)."""
-    _, lc, r0, e0 = _inputs(algorithm, "none")
+@pytest.mark.parametrize("algorithm", ["dr_grpo", "grpo"])
+def test_backward_changes_the_policy_gradient_where_it_should(algorithm):
+    """On-policy, the GRPO-family gradient is linear in the coefficient: the backward correction
+    scales it by K / (K - 1) / (1 - rho0 - rho1) against the group-centred raw reward (K = 4)."""
+    _, lc, r0, _ = _inputs(algorithm, "none")
     _, _, rb, eb = _inputs(algorithm, "backward")
-    torch.testing.assert_close(_policy_grad(lc, rb, eb), scale * _policy_grad(lc, r0, e0), rtol=1e-5, atol=1e-9)
+    centred = {"advantages": REWARDS - torch.stack([REWARDS[GROUPS == g].mean() for g in GROUPS])}
+    scale = 4 / 3 / (1 - RHO0 - RHO1)
+    torch.testing.assert_close(_policy_grad(lc, rb, eb), scale * _policy_grad(lc, r0, centred), rtol=1e-5,
+                               atol=1e-9)
 
 
 def test_forward_changes_the_grpo_gradient():

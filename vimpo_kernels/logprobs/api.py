@@ -8,7 +8,8 @@ import torch
 
 from .. import _autoselect, _backends
 from ..stats import TokenStats
-from ..validate import check_target_range, check_token_stats_inputs
+from ..validate import check_target_range, check_token_stats_inputs, host_reads_allowed
+from .compiled_function import compiled_linear_token_stats
 from .reference import linear_logprobs_reference
 
 
@@ -66,25 +67,34 @@ def fused_linear_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1)
     rh2 = ref_hidden.reshape(-1, ref_hidden.shape[-1]) if ref_hidden is not None else None
-    rows = None
-    if mask is not None:
+    rows = keep = None
+    if mask is not None and host_reads_allowed():
+        # Pack the valid rows (padding costs nothing). Their number is data-dependent, a host
+        # read: while tracing or capturing, every row is computed instead and padding zeroed.
         rows = mask.reshape(-1).nonzero().squeeze(-1)
         h2, t1 = h2.index_select(0, rows), t1.index_select(0, rows)
         rh2 = rh2.index_select(0, rows) if rh2 is not None else None
+    elif mask is not None:
+        keep = mask.reshape(-1).bool()
+        t1 = torch.where(keep, t1, 0)  # padding may hold any id (-100, pad ids past V)
     check_target_range(t1, weight.shape[0])
     if has_ref:
         rh2 = rh2 if rh2 is not None else h2.detach()
         ref_weight = ref_weight if ref_weight is not None else weight.detach()
     args = (h2, weight, t1.long(), bias, rh2, ref_weight, ref_bias, float(temperature), kl is not None,
             bool(return_entropy), topk, bool(return_logit_grad_norm))
+    traced = not host_reads_allowed()
     measure = _gpu_measure(args, kl, return_entropy, return_logit_grad_norm) \
-        if backend == "auto" and hidden.is_cuda else None
+        if backend == "auto" and hidden.is_cuda and not traced else None
     name = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
-                          entropy=return_entropy, logit_grad_norm=return_logit_grad_norm, measure=measure).backend
+                          entropy=return_entropy, logit_grad_norm=return_logit_grad_norm, measure=measure,
+                          traced=traced).backend
     stats = _IMPLS[name](*args)
     if rows is not None:
         n_all = targets.numel()
         stats = stats.map(lambda x: x.new_zeros(n_all).index_put((rows,), x))
+    elif keep is not None:
+        stats = stats.map(lambda x: torch.where(keep, x, 0.0))
     return stats.map(lambda x: x.reshape(lead))
 
 
@@ -127,10 +137,12 @@ def _lazy(module: str, fn: str):
 
 # Each backend: (hidden (N,H), weight (V,H), targets (N,) int64, bias, ref_hidden (N,H) | None,
 # ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk, want_grad_norm) ->
-# TokenStats of (N,); topk > 0: the KL is the candidate-set KL.
+# TokenStats of (N,); topk > 0: the KL is the candidate-set KL. The compiled backends' module
+# is imported here (it is light: the extension itself loads on first use), so that torch.compile
+# meets no import while tracing; Triton's stays lazy (importing triton costs seconds).
 _IMPLS = {
     "torch": _torch_impl,
     "triton": _lazy(".triton_function", "triton_linear_token_stats"),
-    "cpu": _lazy(".compiled_function", "compiled_linear_token_stats"),
-    "cuda": _lazy(".compiled_function", "compiled_linear_token_stats"),
+    "cpu": compiled_linear_token_stats,
+    "cuda": compiled_linear_token_stats,
 }

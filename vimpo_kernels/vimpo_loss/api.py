@@ -20,7 +20,7 @@ from .. import _backends
 from .forward_grad import forward_grad_loss
 from .compiled_epilogue import compiled_epilogue_supports, compiled_vimpo_loss
 from .reference import vimpo_loss
-from ..validate import check_mask, check_tensor
+from ..validate import check_mask, check_tensor, host_reads_allowed
 
 
 def fused_vimpo_loss(
@@ -86,7 +86,8 @@ def fused_vimpo_loss(
     route = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
                            logit_grad_norm=want_grad_norm, separable=config.spec.separable,
                            forward_kernel=config.spec.forward_kernel,
-                           compiled_epilogue=compiled_epilogue_supports(config) is None)
+                           compiled_epilogue=compiled_epilogue_supports(config) is None,
+                           traced=not host_reads_allowed())
     if route.gradients == "forward":
         # The per-token coefficient is known in the forward: gradients without a recompute.
         return forward_grad_loss(

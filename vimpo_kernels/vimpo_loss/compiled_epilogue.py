@@ -9,6 +9,13 @@ per-token math lives in C++, and it is tested against autograd through the refer
 
 Why not the reference itself: its reverse scan is a Python loop over T (three tensor ops per
 position, ~T x 3 kernel launches on a GPU), and the whole epilogue is ~60 small ops.
+
+No host synchronization: the passes are `torch.library` custom ops (`vimpo::epilogue_scan`,
+`vimpo::epilogue_tokens`, with fake implementations), the glue is tensor ops, and the
+batch-level numbers between the passes travel to the second pass as a device tensor. So the
+whole epilogue traces under `torch.compile(fullgraph=True)` and is capturable in a CUDA graph.
+The one exception is the adaptive actor coefficient: an EMA kept on the host
+(`AdaptiveCoeffState`), read once per call.
 """
 
 from __future__ import annotations
@@ -17,15 +24,48 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .. import _backends
 from ..config import VIMPOConfig
-from ..params import EpilogueParams
+from ..params import EPILOGUE_BATCH, EpilogueParams
 from ..validate import check_loss_inputs
 from .reference import (AdaptiveCoeffState, actor_coefficient, aggregation_weights, group_baseline,
-                        ppo_actor_loss, token_kl_estimate, value_loss_terms, vimpo_metrics, whiten_stats)
+                        ppo_actor_loss, token_kl_estimate, value_loss_grad, value_loss_terms, vimpo_metrics,
+                        whiten_stats)
 
 _ESTIMATOR_CODE = {"exact": 0, "candidate_set": 0, "k2": 2, "k3": 3}
+
+
+@torch.library.custom_op("vimpo::epilogue_scan", mutates_args=())
+def _scan_op(logp: Tensor, ref: Tensor, token_kl: Optional[Tensor], mask: Tensor,
+             params: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1, fp64 (B, T): [u, adv_raw, seq_value (B,)]; `params`: `EpilogueParams.pack()`."""
+    u, adv_raw, seq_value = _backends.require_extension().vimpo_epilogue_scan(logp, ref, token_kl, mask, params)
+    return u, adv_raw, seq_value
+
+
+@_scan_op.register_fake
+def _scan_fake(logp, ref, token_kl, mask, params):
+    return torch.empty_like(logp), torch.empty_like(logp), logp.new_empty(logp.shape[0])
+
+
+@torch.library.custom_op("vimpo::epilogue_tokens", mutates_args=())
+def _tokens_op(logp: Tensor, ref: Tensor, old_logp: Optional[Tensor], is_w: Optional[Tensor], mask: Tensor,
+               adv_raw: Tensor, agg_w: Tensor, dloss_dseq: Tensor, batch: Tensor,
+               params: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pass 2, fp64 (B, T): [adv, g_logp, g_kl (empty unless `want_g_kl`), sums (B, 4)];
+    `batch`: (3,) `EPILOGUE_BATCH` on the data's device."""
+    adv, g_logp, g_kl, sums = _backends.require_extension().vimpo_epilogue_tokens(
+        logp, ref, old_logp, is_w, mask, adv_raw, agg_w, dloss_dseq, batch, params)
+    return adv, g_logp, g_kl if g_kl is not None else logp.new_empty(0), sums
+
+
+@_tokens_op.register_fake
+def _tokens_fake(logp, ref, old_logp, is_w, mask, adv_raw, agg_w, dloss_dseq, batch, params):
+    want_g_kl = EpilogueParams.unpack(params).want_g_kl
+    return (torch.empty_like(logp), torch.empty_like(logp),
+            torch.empty_like(logp) if want_g_kl else logp.new_empty(0), logp.new_empty(logp.shape[0], 4))
 
 
 def compiled_epilogue_supports(config: VIMPOConfig) -> Optional[str]:
@@ -82,7 +122,7 @@ def compiled_vimpo_loss(
         raise ValueError(f"compiled epilogue: {why}")
     check_loss_inputs(logprobs, ref_logprobs, token_kl, mask, rewards, group_ids, old_logprobs,
                       rollout_is_weights, baseline, None, None, logit_grad_norm, config)
-    ext, dt = _backends.require_extension(), logprobs.dtype
+    dt = logprobs.dtype
     m = mask.to(dt)
     valid = m > 0
     f64 = lambda x: None if x is None else x.detach().to(torch.float64).contiguous()  # noqa: E731
@@ -94,7 +134,7 @@ def compiled_vimpo_loss(
                             clip_high=config.clip_ratio_high, clip_c=config.clip_ratio_c,
                             want_g_kl=est == 0 and not config.detach_kl)
     kl_given = f64(token_kl) if est == 0 else None
-    u, adv_raw, seq_value = ext.vimpo_epilogue_scan(lp, ref, kl_given, m64, params.pack())
+    u, adv_raw, seq_value = torch.ops.vimpo.epilogue_scan(lp, ref, kl_given, m64, params.pack())
 
     # O(B) glue, by the reference's own functions
     # (docs/math.md, "Baseline, target and residual", "Value loss").
@@ -102,17 +142,14 @@ def compiled_vimpo_loss(
     if baseline is None:
         baseline = group_baseline(rewards, group_ids, config.cap_v0)
     target = rewards - baseline.to(dt)
-    residual = (seq_value.to(dt) - target).detach().requires_grad_()
-    with torch.enable_grad():
-        value_loss_raw, value_loss = value_loss_terms(residual, target, value_norm_denom, num_sequences, config)
-        (dloss_dseq,) = torch.autograd.grad(value_loss, residual)
-    residual = residual.detach()
+    residual = (seq_value.to(dt) - target).detach()
+    value_loss_raw, value_loss = value_loss_terms(residual, target, value_norm_denom, num_sequences, config)
+    dloss_dseq = value_loss_grad(residual, target, value_norm_denom, num_sequences, config)
     if config.whiten_adv:
         mean, rstd = whiten_stats(adv_raw if config.whiten_variance == "biased" else adv_raw.to(dt), valid,
                                   config.whiten_variance, process_group)
-        mean, rstd = float(mean), float(rstd)
     else:
-        mean, rstd = 0.0, 1.0
+        mean, rstd = adv_raw.new_zeros(()), adv_raw.new_ones(())
     agg_w = aggregation_weights(mask, config, num_tokens, num_sequences, torch.float64)
     actor_coeff, adaptive_rms = config.actor_coeff, None
     if config.adaptive_actor_coeff:
@@ -120,9 +157,12 @@ def compiled_vimpo_loss(
             logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual, logit_grad_norm,
             adaptive_state, num_tokens, num_sequences, process_group, config)
 
-    params = dataclasses.replace(params, adv_mean=mean, adv_rstd=rstd, actor_coeff=actor_coeff)
-    adv, g_logp, g_kl, sums = ext.vimpo_epilogue_tokens(
-        lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq), params.pack())
+    batch = torch.stack([mean.to(torch.float64).reshape(()), rstd.to(torch.float64).reshape(()),
+                         torch.as_tensor(actor_coeff, dtype=torch.float64, device=lp.device)])
+    assert batch.shape[0] == len(EPILOGUE_BATCH)
+    adv, g_logp, g_kl, sums = torch.ops.vimpo.epilogue_tokens(
+        lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq), batch,
+        params.pack())
     pg_loss = sums[:, 0].sum().to(dt)
     loss_value = (value_loss.detach() + actor_coeff * pg_loss).to(dt)
     loss = _EpilogueLoss.apply(logprobs, token_kl if params.want_g_kl else None, loss_value, g_logp.to(dt),
@@ -137,7 +177,7 @@ def compiled_vimpo_loss(
                             target, adv, adv_raw, kl, valid, pg_metrics, adaptive_rms)
     if return_details:
         # The implicit values are the lambda = 1 scan, negated: adv_raw itself when lam is 1.
-        neg_values = adv_raw if config.lam == 1.0 else ext.vimpo_epilogue_scan(
+        neg_values = adv_raw if config.lam == 1.0 else torch.ops.vimpo.epilogue_scan(
             lp, ref, kl_given, m64, dataclasses.replace(params, lam=1.0).pack())[1]
         metrics["details"] = {
             "token_kl": kl.detach(), "u": u.to(dt), "seq_value": seq_value.to(dt), "baseline": baseline,

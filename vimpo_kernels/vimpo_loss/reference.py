@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import VIMPOConfig
-from ..validate import check_loss_inputs
+from ..validate import check_loss_inputs, require
 
 # The reference clamps the PPO log-ratio before exponentiating (docs/math.md, "PPO clip and dual clip").
 _LOG_RATIO_CLAMP = 20.0
@@ -166,14 +166,28 @@ def group_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, cap_v0: Optio
 # Building blocks (public: tests and the trainer use them one by one)
 # -----------------------------------------------------------------------------------------
 
+def group_index(group_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) dense index in [0, number of groups) of each row's group id (groups by value, in
+    ascending id order, as `torch.unique(return_inverse=True)`). Built by a stable sort so that
+    its size never depends on the data: no host sync, traceable by torch.compile, capturable."""
+    order = torch.argsort(group_ids, stable=True)
+    ids = group_ids[order]
+    starts = torch.ones_like(ids, dtype=torch.long)
+    starts[1:] = (ids[1:] != ids[:-1]).long()
+    return torch.empty_like(starts).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+
+
+def group_sum(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B,) per-row sum of `values` over its group (`index` from `group_index`); the group
+    buffer has B slots, enough for B one-member groups."""
+    sums = torch.zeros(values.shape[0], dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    return sums[index]
+
+
 def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Per-row mean of `values` over the rows sharing its group id (by value, not position)."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
-    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
-        0, inverse, torch.ones_like(values))
-    return (sums / counts)[inverse]
+    index = group_index(group_ids)
+    return group_sum(values, index) / group_sum(torch.ones_like(values), index)
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_std: bool,
@@ -181,19 +195,17 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, norm_by_s
     """(B,) GRPO outcome advantage (docs/math.md, "GRPO family"): centred by the group mean,
     optionally divided by the unbiased group std + epsilon. A one-member group keeps its reward (mean 0, std 1,
     as float32 scalars in the reference, so the divisor is float32(1 + 1e-6))."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    out = torch.empty_like(rewards)
-    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
-        rows = (inverse == g).nonzero().squeeze(-1)
-        r = rewards[rows]
-        if rows.numel() == 1:
-            mean = torch.tensor(0.0)
-            std = torch.tensor(1.0)
-        else:
-            mean, std = r.mean(), r.std()
-        centred = r - mean
-        out[rows] = centred / (std + epsilon) if norm_by_std else centred
-    return out
+    index = group_index(group_ids)
+    count = group_sum(torch.ones_like(rewards), index)
+    single = count == 1
+    centred = rewards - torch.where(single, 0.0, group_sum(rewards, index) / count)
+    if not norm_by_std:
+        return centred
+    # Two passes (mean, then squared deviations), as torch's `std`; where count is 1 the
+    # clamp only avoids a 0/0 that `where` then discards.
+    var = group_sum(centred * centred, index) / (count - 1).clamp(min=1)
+    single_divisor = (torch.ones((), dtype=torch.float32, device=rewards.device) + epsilon).to(rewards.dtype)
+    return centred / torch.where(single, single_divisor, var.sqrt() + epsilon)
 
 
 def reverse_scan_advantage(u: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
@@ -234,9 +246,8 @@ def whiten_stats(adv: torch.Tensor, valid: torch.Tensor, variance: str = "biased
             raise ValueError("whiten_variance='unbiased' is the single-process formula; use 'biased' "
                              "with a process group")
         n = m.sum()
-        if n.item() <= 1:
-            raise ValueError("whiten_variance='unbiased' needs at least 2 valid tokens in the micro-batch "
-                             f"(got {int(n.item())}); use whiten_variance='biased'")
+        require(n > 1, "whiten_variance='unbiased' needs at least 2 valid tokens in the micro-batch; use "
+                       "whiten_variance='biased'")
         mean = (adv * m).sum() / (n + 1e-8)
         var = ((adv - mean) ** 2 * m).sum() / (n + 1e-8) * (n / (n - 1))
         return mean, torch.rsqrt(var + 1e-8)
@@ -347,13 +358,28 @@ def value_loss_terms(residual, target, value_norm_denom, num_sequences, config: 
     return raw, loss
 
 
+def value_loss_grad(residual, target, value_norm_denom, num_sequences, config: VIMPOConfig) -> torch.Tensor:
+    """(B,) d value_loss / d residual of `value_loss_terms`, in closed form (docs/math.md,
+    "Closed-form gradients"): the compiled epilogue's per-sequence coefficient. Tested against
+    autograd through `value_loss_terms`."""
+    psi = residual.clamp(-config.huber_delta, config.huber_delta) if config.value_loss_type == "huber" else residual
+    n_seq = residual.shape[0] if num_sequences is None else num_sequences
+    grad = config.value_loss_coeff * psi / n_seq
+    if config.value_loss_normalized:
+        grad = grad / _value_norm_denom(target, value_norm_denom)
+    return grad
+
+
 def _value_norm_denom(target: torch.Tensor, given: Optional[float]) -> torch.Tensor:
     # The reference computes D in float32 on the trainer and ships it as a Python float.
+    undefined = ("value_norm_denom D = mean((R - b)^2) < 1e-4: the normalised value loss is undefined for a "
+                 "batch whose rewards equal their group baselines")
     if given is None:
-        given = float((target.detach().float() ** 2).mean())
+        d = (target.detach().float() ** 2).mean()
+        require(d >= 1e-4, undefined, detail=lambda: undefined.replace("< 1e-4", f"= {float(d):.3g} < 1e-4"))
+        return d.to(target.dtype)
     if not given >= 1e-4:
-        raise ValueError(f"value_norm_denom D = mean((R - b)^2) = {given:.3g} < 1e-4: the normalised value "
-                         "loss is undefined for a batch whose rewards equal their group baselines")
+        raise ValueError(undefined.replace("< 1e-4", f"= {given:.3g} < 1e-4"))
     return torch.tensor(given, dtype=torch.float32).to(target.dtype)
 
 
@@ -503,12 +529,25 @@ def vespo_sequence_weight(log_ratio, adv, valid, rollout_is_weights, config: VIM
 
 def group_softmax_weights(scores: torch.Tensor, group_ids: torch.Tensor, alpha: float) -> torch.Tensor:
     """(B,) w_i = softmax over i's group of scores / alpha (GN-IVO's target, docs/math.md, "GN-IVO")."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    w = torch.empty_like(scores)
-    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
-        rows = (inverse == g).nonzero().squeeze(-1)
-        w[rows] = torch.softmax(scores[rows] / alpha, 0)
-    return w
+    index = group_index(group_ids)
+    s = scores / alpha
+    e = torch.exp(s - _group_max(s.detach(), index))
+    return e / group_sum(e, index)
+
+
+def _group_max(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-row max of `x` ((B,) or (B, T), column-wise) over its group: the stabiliser of a
+    group softmax (a constant, so taken from detached values)."""
+    buf = torch.full_like(x, float("-inf"))
+    idx = index.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
+    return buf.scatter_reduce(0, idx, x, "amax")[index]
+
+
+def _group_logsumexp(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, T) log sum_{j in i's group} exp x[j, t], per column t."""
+    shift = _group_max(x.detach(), index)
+    sums = torch.zeros_like(x).index_add_(0, index, torch.exp(x - shift))[index]
+    return torch.log(sums) + shift
 
 
 def gn_ivo_prefix_log_ratios(logprobs, old_logprobs, valid) -> torch.Tensor:
@@ -539,23 +578,19 @@ def gn_ivo_loss(logprobs, old_logprobs, valid, rewards, group_ids, alpha: float,
         raise ValueError("algorithm='gn_ivo' takes one advantage (reward score) per response: shape (B,)")
     prefix = gn_ivo_prefix_log_ratios(logprobs, old_logprobs, valid)
     w = group_softmax_weights(scores.to(logprobs.dtype).detach(), group_ids, alpha)
-    lengths = valid.sum(-1)
     n_seq = valid.shape[0] if num_sequences is None else num_sequences
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    total = logprobs.new_zeros(())
-    entropy = logprobs.new_zeros(())
-    for g in range(int(inverse.max()) + 1 if inverse.numel() else 0):
-        rows = (inverse == g).nonzero().squeeze(-1)
-        horizon = int(lengths[rows].max())
-        if horizon == 0:
-            continue
-        p = prefix[rows, :horizon]                                   # (K, H_g): log r_i(n)
-        log_q = p - torch.logsumexp(p, dim=0, keepdim=True)          # group log-softmax per prefix
-        ce = -(w[rows, None] * log_q).sum(0)                         # (H_g,)
-        total = total + rows.numel() * ce.mean()
-        with torch.no_grad():
-            entropy = entropy + rows.numel() * -(w[rows] * torch.log(w[rows].clamp(min=1e-300))).sum()
-    loss = total / n_seq
+    # Every group at once (no per-group loop, no host sync): group g's cross-entropy at prefix n
+    # is -sum_{i in g} w_i log q_i(n), averaged over n < H_g and weighed |g|; so token (i, n)
+    # carries |g| / H_g where n < H_g, and a group of empty responses (H_g = 0) carries nothing.
+    index = group_index(group_ids)
+    size = group_sum(torch.ones_like(w), index)
+    horizon = torch.zeros_like(index).scatter_reduce(0, index, valid.sum(-1), "amax")[index]     # H_g per row
+    log_q = prefix - _group_logsumexp(prefix, index)             # group log-softmax per prefix length
+    n = torch.arange(prefix.shape[1], device=prefix.device)[None, :]
+    weight = torch.where(n < horizon[:, None], (size / horizon.clamp(min=1))[:, None], 0.0)
+    loss = (weight * -(w[:, None] * log_q)).sum() / n_seq
+    with torch.no_grad():
+        entropy = torch.where(horizon > 0, size * -(w * torch.log(w.clamp(min=1e-300))), 0.0).sum()
     metrics = {"gn_ivo_target_entropy": (entropy / n_seq).detach(),
                "ppo_kl": masked_mean(-torch.where(valid, logprobs - (logprobs.detach() if old_logprobs is None
                                                                      else old_logprobs.to(logprobs.dtype)), 0.0),
@@ -571,13 +606,14 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def aggregation_weights(mask: torch.Tensor, config: VIMPOConfig, num_tokens=None, num_sequences=None,
                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, T) d aggregate / d per_token_loss of the reference `aggregate` (1/N for token-mean,
-    1/(B' L_i) for seq-mean-token-mean, ...). Taken by autograd through that one function, so
-    the aggregation math is never written twice."""
+    1/(B' L_i) for seq-mean-token-mean, ...). Taken by a vector-Jacobian product through that one
+    function, so the aggregation math is never written twice (`torch.func.vjp`, unlike
+    `torch.autograd.grad`, traces under torch.compile)."""
     m = mask.to(dtype)
-    with torch.enable_grad():
-        x = torch.zeros_like(m, requires_grad=True)
-        agg = aggregate(x, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len)
-        (w,) = torch.autograd.grad(agg, x)
+    _, vjp = torch.func.vjp(
+        lambda x: aggregate(x, m, config.loss_agg_mode, num_tokens, num_sequences, config.loss_agg_norm_len),
+        torch.zeros_like(m))
+    (w,) = vjp(torch.ones((), dtype=dtype, device=m.device))
     return w
 
 
