@@ -218,3 +218,51 @@ def test_non_default_stream():
     torch.testing.assert_close(stats.kl, ref_stats.kl, rtol=1e-6, atol=1e-6)
     for a, c in zip(grads, ref_grads):
         torch.testing.assert_close(a, c, rtol=1e-2, atol=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("algorithm", ["vimpo", "grpo"])
+def test_traced_loss_never_synchronizes(backend, algorithm):
+    """Under torch.compile the whole fused loss runs without one host synchronization
+    (docs/backends.md, rule 8): with the sync debug mode at "error" any `.item()`, `nonzero` or
+    host read of a device value raises. Forward and backward, equal to eager."""
+    from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
+
+    backend_ok = {"cuda": _backend_available("cuda"), "triton": _backend_available("triton")}[backend]
+    if not backend_ok:
+        pytest.skip(f"backend {backend!r} is not available here")
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 33, 64, 1001
+    h = torch.randn(B, T, H, generator=g).to("cuda", torch.bfloat16)
+    w = (0.1 * torch.randn(V, H, generator=g)).to("cuda", torch.bfloat16)
+    rh = (h.float().cpu() + 0.1 * torch.randn(B, T, H, generator=g)).to("cuda", torch.bfloat16)
+    t = torch.randint(0, V, (B, T), generator=g).cuda()
+    m = (torch.arange(T)[None, :] < torch.tensor([33, 1, 20, 7])[:, None]).float().cuda()
+    r, gid = torch.tensor([1.0, 0.0, 1.0, 0.0]).cuda(), torch.tensor([0, 0, 1, 1]).cuda()
+    config = VIMPOConfig.for_algorithm(algorithm)
+
+    def f(hidden, weight):
+        return fused_vimpo_loss(hidden, weight, t, m, r, gid, ref_hidden=rh, config=config, backend=backend)[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    compiled(hc, wc).backward()  # compile (and autotune) outside the checked region
+    hc.grad = wc.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = compiled(hc, wc)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+    f(he, we).backward()
+    assert rel(loss, f(h, w)) <= 1e-5
+    assert rel(hc.grad, he.grad) <= 1e-2 and rel(wc.grad, we.grad) <= 1e-2  # bf16 gradients, same kernels
+
+
+def _backend_available(name: str) -> bool:
+    from vimpo_kernels import _backends
+
+    return _backends.backend_status()[name][0]

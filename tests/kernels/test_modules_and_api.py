@@ -216,3 +216,31 @@ def test_deterministic_mode_keeps_triton_with_its_fixed_order_backward(gpu_with_
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert plan("triton", cuda, torch.bfloat16).backend == "triton"
     assert plan("auto", cuda, torch.bfloat16, kl="exact").backend == "triton"
+
+
+def test_deterministic_reaches_the_kernel_and_the_planner(monkeypatch):
+    """`deterministic=` of the public functions is handed to the planner and to the chosen
+    backend's implementation (Triton pins its configs and runs its fixed-order backward on it)."""
+    from vimpo_kernels import VIMPOConfig, fused_vimpo_loss
+    from vimpo_kernels.logprobs import api as logprobs_api
+
+    seen = {}
+    real_plan, real_impl = logprobs_api._backends.plan, logprobs_api._IMPLS["cpu"]
+
+    def plan(*args, **kwargs):
+        seen["plan"] = kwargs.get("deterministic")
+        return real_plan(*args, **kwargs)
+
+    def impl(*args, **kwargs):
+        seen["impl"] = kwargs.get("deterministic")
+        return real_impl(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs_api._backends, "plan", plan)
+    monkeypatch.setitem(logprobs_api._IMPLS, "cpu", impl)
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    t, m = torch.randint(0, 11, (2, 3), generator=g), torch.ones(2, 3)
+    runs = [fused_vimpo_loss(h, w, t, m, torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), ref_hidden=h + 0.1,
+                             config=VIMPOConfig(), backend="cpu", deterministic=True)[0] for _ in range(2)]
+    assert seen == {"plan": True, "impl": True}
+    assert torch.equal(runs[0], runs[1])

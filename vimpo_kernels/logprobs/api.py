@@ -29,6 +29,7 @@ def fused_linear_logprobs(
     return_logit_grad_norm: bool = False,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    deterministic: Optional[bool] = None,
 ) -> TokenStats:
     """Log-prob of `targets`, log-sum-exp, and optionally the reference log-prob, the exact
     KL(pi || pi_ref) and the entropy, from `hidden @ weight.T (+ bias)` without materialising
@@ -53,6 +54,9 @@ def fused_linear_logprobs(
         mask: optional bool (N,) / (B, T): only rows with mask=1 are computed; the others
             get 0 in every output (padding costs nothing).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        deterministic: bitwise the same results run to run (None: as
+            `torch.are_deterministic_algorithms_enabled()`). The compiled and reference backends
+            always are; Triton then pins its tile configs and runs its fixed-order backward.
 
     Returns:
         `TokenStats` with fields of the shape of `targets`, float32 (float64 for float64
@@ -88,8 +92,8 @@ def fused_linear_logprobs(
         if backend == "auto" and hidden.is_cuda and not traced else None
     name = _backends.plan(backend, hidden.device, hidden.dtype, weight_dtype=weight.dtype, kl=kl,
                           entropy=return_entropy, logit_grad_norm=return_logit_grad_norm, measure=measure,
-                          traced=traced).backend
-    stats = _IMPLS[name](*args)
+                          deterministic=deterministic, traced=traced).backend
+    stats = _IMPLS[name](*args, deterministic=bool(deterministic))
     if rows is not None:
         n_all = targets.numel()
         stats = stats.map(lambda x: x.new_zeros(n_all).index_put((rows,), x))
@@ -120,7 +124,7 @@ def _gpu_measure(args, kl, entropy, grad_norm) -> _autoselect.Measure:
 
 
 def _torch_impl(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature, want_kl,
-                want_entropy, topk=0, want_grad_norm=False) -> TokenStats:
+                want_entropy, topk=0, want_grad_norm=False, deterministic=False) -> TokenStats:
     kl = ("candidate_set" if topk else "exact") if want_kl else None
     return linear_logprobs_reference(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
                                      ref_weight=ref_weight, ref_bias=ref_bias, temperature=temperature,
@@ -129,15 +133,15 @@ def _torch_impl(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
 
 
 def _lazy(module: str, fn: str):
-    def call(*args):
+    def call(*args, **kwargs):
         import importlib
-        return getattr(importlib.import_module(module, __package__), fn)(*args)
+        return getattr(importlib.import_module(module, __package__), fn)(*args, **kwargs)
     return call
 
 
 # Each backend: (hidden (N,H), weight (V,H), targets (N,) int64, bias, ref_hidden (N,H) | None,
-# ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk, want_grad_norm) ->
-# TokenStats of (N,); topk > 0: the KL is the candidate-set KL. The compiled backends' module
+# ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk, want_grad_norm,
+# *, deterministic) -> TokenStats of (N,); topk > 0: the KL is the candidate-set KL. The compiled backends' module
 # is imported here (it is light: the extension itself loads on first use), so that torch.compile
 # meets no import while tracing; Triton's stays lazy (importing triton costs seconds).
 _IMPLS = {

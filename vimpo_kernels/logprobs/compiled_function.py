@@ -115,10 +115,11 @@ _token_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def compiled_linear_token_stats(hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias, temperature,
-                                want_kl, want_entropy, topk=0, want_grad_norm=False) -> TokenStats:
+                                want_kl, want_entropy, topk=0, want_grad_norm=False, deterministic=False) -> TokenStats:
     """The `_IMPLS` contract of logprobs/api.py for backends "cpu" and "cuda": rows already
     packed and validated; (N,) statistics, float32 (float64 for float64 input). `topk` > 0
-    makes the KL the candidate-set KL over the `topk` largest policy logits."""
+    makes the KL the candidate-set KL over the `topk` largest policy logits. Always
+    deterministic (fixed chunk order, no atomics): `deterministic` changes nothing."""
     params = TokenStatsParams(temperature=float(temperature), want_kl=bool(want_kl), want_entropy=bool(want_entropy),
                               want_grad_norm=bool(want_grad_norm), topk=int(topk), chunk_rows=_env.CHUNK_ROWS)
     logp, lse, ref_logp, ref_lse, kl, entropy, _cand, grad_norm = torch.ops.vimpo.compiled_token_stats(

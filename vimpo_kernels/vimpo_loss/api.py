@@ -40,6 +40,7 @@ def fused_vimpo_loss(
     rollout_is_weights: Optional[torch.Tensor] = None,
     config: Optional[VIMPOConfig] = None,
     backend: str = "auto",
+    deterministic: Optional[bool] = None,
     **loss_kwargs: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VIMPO (or GRPO/Dr.GRPO/DAPO) loss of one micro-batch from final hidden states.
@@ -57,6 +58,8 @@ def fused_vimpo_loss(
         old_logprobs, rollout_is_weights: (B, T), see `vimpo_loss`.
         config: `VIMPOConfig` (default: the paper recipe).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
+        deterministic: bitwise the same results run to run (None: as
+            `torch.are_deterministic_algorithms_enabled()`); see `fused_linear_logprobs`.
         **loss_kwargs: forwarded to `vimpo_loss` (baseline, advantages, value_norm_denom,
             num_tokens, num_sequences, process_group, ...).
 
@@ -87,7 +90,7 @@ def fused_vimpo_loss(
                            logit_grad_norm=want_grad_norm, separable=config.spec.separable,
                            forward_kernel=config.spec.forward_kernel,
                            compiled_epilogue=compiled_epilogue_supports(config) is None,
-                           traced=not host_reads_allowed())
+                           deterministic=deterministic, traced=not host_reads_allowed())
     if route.gradients == "forward":
         # The per-token coefficient is known in the forward: gradients without a recompute.
         return forward_grad_loss(
@@ -100,7 +103,7 @@ def fused_vimpo_loss(
         temperature=config.temperature, kl=kl, topk=config.candidate_kl_topk if kl == "candidate_set" else 0,
         return_logit_grad_norm=want_grad_norm, mask=valid,
         # "auto" again: on a GPU the token statistics' backend is then chosen by measurement.
-        backend="auto" if backend == "auto" else route.backend)
+        backend="auto" if backend == "auto" else route.backend, deterministic=deterministic)
     if ref_logprobs is None:
         ref_logprobs = stats.ref_logprobs
     if want_grad_norm:
