@@ -126,16 +126,19 @@ def vocab_split(N: int, V: int, device: torch.device, granule: int) -> tuple[int
     return triton.cdiv(V, per_split), per_split
 
 
+# cache_results: the autotuner's pick per key is kept on disk next to the compiled kernels
+# (TRITON_CACHE_DIR, docs/backends.md "Caches"), so a new process (every training job, every
+# rank) reuses it instead of timing every config again inside its first steps.
 @functools.lru_cache(maxsize=None)
 def _tuned_forward(operand_bytes: int):
-    return triton.autotune(configs=tune.FWD_CONFIGS[operand_bytes],
+    return triton.autotune(configs=tune.FWD_CONFIGS[operand_bytes], cache_results=True,
                            key=["N_BUCKET", "V", "H", "H_REF", "HAS_REF", "HAS_KL", "HAS_ENTROPY"])(tk.fwd_partials_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_backward(operand_bytes: int):
     # Timing a config runs the kernel: the atomic accumulators must restart from zero each time.
-    return triton.autotune(configs=tune.BWD_CONFIGS[operand_bytes],
+    return triton.autotune(configs=tune.BWD_CONFIGS[operand_bytes], cache_results=True,
                            key=["N_BUCKET", "V", "H", "H_REF", "HAS_G_KL", "HAS_G_ENT", "NEED_DX", "NEED_DW"],
                            reset_to_zero=["DX", "DW", "DB"])(tk.bwd_kernel)
 
