@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from vimpo_kernels import VIMPOConfig, vimpo_loss
-from vimpo_kernels.vimpo_loss.reference import ppo_actor_loss  # not exported; see the trainer report
+from vimpo_kernels.vimpo_loss.reference import adaptive_sums, ppo_actor_loss
 
 
 @dataclass
@@ -94,11 +94,6 @@ def micro_batch_sums(stats, mask: torch.Tensor, rewards: torch.Tensor, group_ids
     m = mask.to(stats.logprobs.dtype)
     _, _, ratio, active = ppo_actor_loss(stats.logprobs, old_logprobs, details["adv"], m, valid,
                                          rollout_is_weights, num_tokens, num_sequences, cfg)
-    g = stats.logit_grad_norm.double()
-    psi = details["residual"].double()
-    if config.value_loss_type == "huber":
-        psi = psi.clamp(-config.huber_delta, config.huber_delta)
-    v = (config.beta * psi / num_sequences).abs()[:, None] * g
-    w = 1.0 if rollout_is_weights is None else rollout_is_weights.double()
-    a = (ratio.double() * details["adv"].double() * active.double() * w / num_tokens).abs() * g
-    return torch.stack([(v * v)[valid].sum(), (a * a)[valid].sum(), valid.sum().double()])
+    return adaptive_sums(details["residual"], ratio, details["adv"], active, rollout_is_weights, valid,
+                         stats.logit_grad_norm, config, num_tokens=num_tokens, num_sequences=num_sequences,
+                         dtype=torch.float64)

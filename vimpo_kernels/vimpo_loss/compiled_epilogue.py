@@ -197,4 +197,4 @@ def _adaptive_actor_coeff(logprobs, old_logprobs, adv_raw, mean, rstd, m, valid,
         _, _, ratio, active = ppo_actor_loss(logprobs.detach(), old_logprobs, adv, m, valid, rollout_is_weights,
                                              num_tokens, num_sequences, config)
     return actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
-                        num_sequences, process_group, config)
+                             num_sequences, process_group, config, num_tokens)

@@ -116,8 +116,8 @@ def vimpo_loss(
     pg_loss, pg_metrics, ratio, active = ppo_actor_loss(
         logprobs, old_logprobs, adv, m, valid, rollout_is_weights, num_tokens, num_sequences, config)
     actor_coeff, adaptive_rms = actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid,
-                                             logit_grad_norm, adaptive_state, num_sequences, process_group,
-                                             config)
+                                                  logit_grad_norm, adaptive_state, num_sequences, process_group,
+                                                  config, num_tokens)
     loss = value_loss + actor_coeff * pg_loss
     metrics = vimpo_metrics(loss, value_loss, value_loss_raw, pg_loss, actor_coeff, residual, seq_value, target,
                             adv, adv_raw, kl, valid, pg_metrics, adaptive_rms)
@@ -403,13 +403,34 @@ def _soft_value_loss(logprobs, ref_logprobs, old_token_kl, m, valid, rewards, gr
     return loss, metrics
 
 
+def adaptive_sums(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, config: VIMPOConfig, *,
+                  num_tokens=None, num_sequences=None, dtype=torch.float32) -> torch.Tensor:
+    """float64 [sum v_t^2, sum a_t^2, n] over the valid tokens of a micro-batch, computed in
+    `dtype` (docs/math.md, "Adaptive actor coefficient"): v_t and a_t are the L2 norms over the
+    vocabulary of the value-loss (c_V = 1, D = 1) and actor-loss gradients w.r.t. token t's
+    logits, each the token's d loss / d logp times ||d logp / d logits|| (`logit_grad_norm`).
+    The global normalisers of an accumulated loss (`num_sequences`, `num_tokens`) scale them
+    as they scale the loss; without them, this micro-batch's own counts. Sums add up over
+    micro-batches and ranks (the trainer's statistics pass, vimpo/adaptive.py)."""
+    g = logit_grad_norm.detach().to(dtype)
+    psi = residual.detach().to(dtype)
+    if config.value_loss_type == "huber":
+        psi = psi.clamp(-config.huber_delta, config.huber_delta)
+    b = residual.shape[0] if num_sequences is None else num_sequences
+    v = (config.beta * psi / b).abs()[:, None] * g
+    n = valid.sum().to(dtype)
+    w = 1.0 if rollout_is_weights is None else rollout_is_weights.detach().to(dtype)
+    a = (ratio.to(dtype) * adv.to(dtype) * active.to(dtype) * w / (n if num_tokens is None else num_tokens)).abs() * g
+    return torch.stack([(v * v)[valid].sum(), (a * a)[valid].sum(), n]).double()
+
+
 def actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, state,
-                 num_sequences, process_group, config: VIMPOConfig):
+                      num_sequences, process_group, config: VIMPOConfig, num_tokens=None):
     """c_A: fixed, or the adaptive EMA ratio of logit-gradient RMS values
     (docs/math.md, "Adaptive actor coefficient").
 
-    Returns (c_A, (v_rms, a_rms) or None). v_t and a_t are the L2 norms over the vocabulary of
-    the value-loss (c_V = 1, D = 1) and actor-loss gradients w.r.t. token t's logits.
+    Returns (c_A, (v_rms, a_rms) or None); the RMS values from `adaptive_sums`, all-reduced
+    over `process_group`.
     """
     if not (config.adaptive_actor_coeff and config.loss_agg_mode == "token-mean"
             and config.kl_estimator in ("exact", "candidate_set")):
@@ -417,16 +438,8 @@ def actor_coefficient(residual, ratio, adv, active, rollout_is_weights, valid, l
     if logit_grad_norm is None or state is None:
         raise ValueError("adaptive_actor_coeff=True needs logit_grad_norm and adaptive_state")
     with torch.no_grad():
-        g = logit_grad_norm.detach().float()
-        b = residual.shape[0] if num_sequences is None else num_sequences
-        psi = residual.detach().float()
-        if config.value_loss_type == "huber":
-            psi = psi.clamp(-config.huber_delta, config.huber_delta)
-        v = (config.beta * psi / b).abs()[:, None] * g
-        n = valid.sum().float()
-        w = 1.0 if rollout_is_weights is None else rollout_is_weights.detach().float()
-        a = ((1.0 / n) * ratio.float() * adv.float() * active.float() * w).abs() * g
-        sums = torch.stack([(v * v)[valid].sum(), (a * a)[valid].sum(), n]).double()
+        sums = adaptive_sums(residual, ratio, adv, active, rollout_is_weights, valid, logit_grad_norm, config,
+                             num_tokens=num_tokens, num_sequences=num_sequences)
         if process_group is not None and dist.is_initialized():
             dist.all_reduce(sums, group=process_group)
         v_rms = float((sums[0] / sums[2]).sqrt())

@@ -59,3 +59,20 @@ def test_adaptive_is_silently_fixed_with_sampled_kl():
     stats = token_stats_from_logits(logits, b.targets, ref_logits=b.ref_logits)
     _, metrics = vimpo_loss(stats.logprobs, stats.ref_logprobs, None, b.mask, b.rewards, b.group_ids, config=cfg)
     assert float(metrics["actor_coeff"]) == 0.123
+
+
+def test_adaptive_rms_follows_the_global_normalisers():
+    """Under gradient accumulation the loss is divided by the step's token and sequence counts
+    (`num_tokens`, `num_sequences`); the gradient norms the coefficient balances are the
+    gradients of that loss, again checked against autograd with the same normalisers."""
+    b = random_batch([5, 2, 1, 4], [0, 0, 1, 1], V=13, seed=3, rewards=[1.0, 0.0, 1.0, 0.0])
+    base = VIMPOConfig(beta=0.2, temperature=0.8, clip_ratio_c=3.0)
+    kw = dict(num_tokens=3.0 * float(b.mask.sum()), num_sequences=5.0)
+    g_value, _ = _grad(b, base.replace(actor_coeff=0.0), **kw)
+    g_actor, _ = _grad(b, base.replace(actor_coeff=1.0, value_loss_coeff=0.0), **kw)
+    want_v, want_a = _rms_of_token_norms(g_value, b.mask), _rms_of_token_norms(g_actor, b.mask)
+    cfg = base.replace(adaptive_actor_coeff=True)
+    gn = logit_grad_norm(b.logits, b.targets, temperature=0.8)
+    _, metrics = _grad(b, cfg, logit_grad_norm=gn, adaptive_state=AdaptiveCoeffState(), **kw)
+    assert abs(float(metrics["adaptive_value_rms"]) - want_v) <= RTOL * want_v
+    assert abs(float(metrics["adaptive_actor_rms"]) - want_a) <= RTOL * want_a
