@@ -157,9 +157,10 @@ def compiled_vimpo_loss(
             logprobs, old_logprobs, adv_raw, mean, rstd, m, valid, rollout_is_weights, residual, logit_grad_norm,
             adaptive_state, num_tokens, num_sequences, process_group, config)
 
-    batch = torch.stack([mean.to(torch.float64).reshape(()), rstd.to(torch.float64).reshape(()),
-                         torch.as_tensor(actor_coeff, dtype=torch.float64, device=lp.device)])
-    assert batch.shape[0] == len(EPILOGUE_BATCH)
+    # Stays on the device: the second pass reads it in place (no host round trip).
+    slots = {"adv_mean": mean, "adv_rstd": rstd, "actor_coeff": actor_coeff}
+    batch = torch.stack([torch.as_tensor(slots[name], dtype=torch.float64, device=lp.device).reshape(())
+                         for name in EPILOGUE_BATCH])
     adv, g_logp, g_kl, sums = torch.ops.vimpo.epilogue_tokens(
         lp, ref, f64(old_logprobs), f64(rollout_is_weights), m64, adv_raw, agg_w, f64(dloss_dseq), batch,
         params.pack())
