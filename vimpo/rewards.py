@@ -326,21 +326,55 @@ class FNRateAppeals:
         self.rate = step_rate if self.rate is None else self.ema_decay * self.rate + (1 - self.ema_decay) * step_rate
         return self.rate
 
-    def appeal(self, recheck: RewardFn, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str],
-               rewards: Sequence[float], keys: Sequence[str], *, seed: int, step: int,
-               timeout_s: float | None = None) -> dict:
-        """One step: select the appeals, re-check them with `recheck` (a reward function, under
-        the failure policy of `score`: a failed re-check counts as not overturned), update the
-        estimate. Returns the step's statistics."""
+    def counts(self, recheck: RewardFn, prompts: Sequence[str], completions: Sequence[str],
+               answers: Sequence[str], rewards: Sequence[float], keys: Sequence[str], *, seed: int, step: int,
+               timeout_s: float | None = None) -> list[float]:
+        """One step's local counts, the estimate untouched: select the appeals, re-check them
+        with `recheck` (a reward function, under the failure policy of `score`: a failed re-check
+        counts as not overturned). Returns [rule positives, appeals, overturned, appeal errors]
+        as floats, ready to be summed over data-parallel ranks (element-wise)."""
         chosen = self.select(rewards, keys, seed=seed, step=step)
         checked = ScoreResult([])
         if chosen:
             checked = score(recheck, [prompts[i] for i in chosen], [completions[i] for i in chosen],
                             [answers[i] for i in chosen], error_value=0.0, timeout_s=timeout_s)
         overturned = sum(1 for v in checked.rewards if v >= 0.5)
-        rate = self.update(sum(1 for r in rewards if r == 1.0), overturned)
-        return {"fn_rate_estimate": rate, "appeals": len(chosen), "appeals_overturned": overturned,
-                "appeal_errors": checked.errors}
+        return [float(sum(1 for r in rewards if r == 1.0)), float(len(chosen)), float(overturned),
+                float(checked.errors)]
+
+    def appeal(self, recheck: RewardFn, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str],
+               rewards: Sequence[float], keys: Sequence[str], *, seed: int, step: int,
+               timeout_s: float | None = None,
+               all_sum: Callable[[list[float]], Sequence[float]] | None = None) -> dict:
+        """One step: `counts`, summed over ranks by `all_sum` when given (data parallelism: every
+        rank appeals its own samples, keys unique across ranks, and all ranks fold the same global
+        counts, so their estimates stay equal), then `update`. Returns the step's statistics."""
+        local = self.counts(recheck, prompts, completions, answers, rewards, keys, seed=seed, step=step,
+                            timeout_s=timeout_s)
+        positives, appeals, overturned, errors = (round(float(c)) for c in (all_sum(local) if all_sum else local))
+        rate = self.update(positives, overturned)
+        return {"fn_rate_estimate": rate, "appeals": appeals, "appeals_overturned": overturned,
+                "appeal_positives": positives, "appeal_errors": errors}
+
+    def state_dict(self) -> dict:
+        return {"rate": self.rate}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rate = state["rate"]
+
+
+APPEAL_MIN_DETERMINANT = 0.05
+"""`reward.correction_fn_rate: auto` under `backward`: the estimate is capped so that
+1 - rho0 - rho1 >= this (kappa <= 20); an early, noisy estimate must not blow the rewards up."""
+
+
+def appealed_fn_rate(estimate: float, correction: str, fp_rate: float) -> float:
+    """The appeals estimate as the rho1 a correction uses: as it is for `forward` (it lies in
+    (0, 1) by its pseudocounts), capped at 1 - rho0 - APPEAL_MIN_DETERMINANT (not below 0) for
+    `backward`, whose kappa = 1 / (1 - rho0 - rho1) would otherwise be unbounded."""
+    if correction == "backward":
+        return min(estimate, max(0.0, 1.0 - fp_rate - APPEAL_MIN_DETERMINANT))
+    return estimate
 
 
 def _check_binary(rewards: Sequence[float], what: str) -> None:

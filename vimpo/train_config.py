@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -119,8 +120,20 @@ class RewardConfig:
     weight: the advantage, or VIMPO's target, with no group centring); docs/trainer.md, "Rewards"."""
     correction_fp_rate: float = 0.0
     """The false-positive rate rho0 the correction assumes (`backward` only)."""
-    correction_fn_rate: float = 0.0
-    """The false-negative rate rho1 the correction assumes."""
+    correction_fn_rate: Union[float, str] = 0.0
+    """The false-negative rate rho1 the correction assumes, or `auto`: estimated online from
+    appeals to `appeal_fn` (the paper's Eqs. (10)-(12); docs/math.md, "Noisy-verifier
+    corrections"), refreshed every step."""
+    appeal_fn: Optional[str] = None
+    """The re-check function of the appeals (same forms as `fn`: `toy`, `math` or
+    `module:function`): a second, more careful checker that re-scores a random share of the
+    training rewards' negatives; the ones it accepts count as false negatives. When set, the
+    appeals run and their estimate is logged (`fn_rate_estimate`) every step; it is used as
+    rho1 only under `correction_fn_rate: auto`. 0/1 training rewards only."""
+    appeal_prob: float = 0.1
+    """q: the probability that a training reward 0 is appealed (the paper's default 0.1)."""
+    appeal_ema_decay: float = 0.9
+    """lambda of the estimate's exponential moving average over steps (the paper's 0.9)."""
 
 
 @dataclass
@@ -294,8 +307,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"reward.noise_flip_prob must lie in [0, 1], got {cfg.reward.noise_flip_prob!r}")
     _noise_rates("reward.noise_fp_rate", "reward.noise_fn_rate", cfg.reward.noise_fp_rate, cfg.reward.noise_fn_rate)
     _choice("reward.correction", cfg.reward.correction, CORRECTIONS)
-    _noise_rates("reward.correction_fp_rate", "reward.correction_fn_rate", cfg.reward.correction_fp_rate,
-                 cfg.reward.correction_fn_rate)
+    _correction_rates(cfg.reward)
     if not 0 <= cfg.reward.error_value <= 1:
         raise ConfigError(f"reward.error_value must lie in [0, 1], got {cfg.reward.error_value!r}")
     if not 0 < cfg.data.eval_fraction < 1:
@@ -314,6 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"reward.fn must be 'toy', 'math' or 'module:function', got {cfg.reward.fn!r}")
     if cfg.reward.fn not in ("toy", "math") and ":" not in cfg.reward.fn:
         raise ConfigError(f"reward.fn must be 'toy', 'math' or 'module:function', got {cfg.reward.fn!r}")
+    _appeals(cfg.reward)
     try:
         loss = cfg.loss_config()
     except (TypeError, ValueError) as exc:
@@ -369,10 +382,19 @@ def _build(cls, raw: Any, prefix: str):
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or a choice of types tried in order (Union[float, str])
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
             return None
-        hint = next(a for a in args if a is not type(None))
+        if len(options) > 1:
+            for option in options:
+                try:
+                    return _coerce(key, value, option)
+                except ConfigError:
+                    pass
+            raise ConfigError(f"{key} must be {' or '.join(o.__name__ for o in options)}, got {value!r} "
+                              f"({type(value).__name__})")
+        hint = options[0]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
@@ -466,6 +488,38 @@ def _noise_rates(fp_key: str, fn_key: str, fp: float, fn: float) -> None:
     except ValueError:
         raise ConfigError(f"{fp_key} + {fn_key} must be < 1 (at 1 the verifier carries no information), "
                           f"got {fp!r} + {fn!r}") from None
+
+
+def _correction_rates(r: RewardConfig) -> None:
+    fn = r.correction_fn_rate
+    if isinstance(fn, str):
+        if fn != "auto":
+            raise ConfigError(f"reward.correction_fn_rate must be a number in [0, 1] or 'auto', got {fn!r}")
+        fn = 0.0  # the estimate is capped at run time (rewards.appealed_fn_rate)
+    _noise_rates("reward.correction_fp_rate", "reward.correction_fn_rate", r.correction_fp_rate, fn)
+
+
+def _appeals(r: RewardConfig) -> None:
+    """The appeals estimate of rho1 (`correction_fn_rate: auto`, `appeal_fn`, `appeal_prob`,
+    `appeal_ema_decay`)."""
+    if r.appeal_fn is not None and not _is_reward_spec(r.appeal_fn):
+        raise ConfigError(f"reward.appeal_fn must be 'toy', 'math' or 'module:function', got {r.appeal_fn!r}")
+    if not 0 < r.appeal_prob <= 1:
+        raise ConfigError(f"reward.appeal_prob must lie in (0, 1], got {r.appeal_prob!r}")
+    if not 0 <= r.appeal_ema_decay < 1:
+        raise ConfigError(f"reward.appeal_ema_decay must lie in [0, 1), got {r.appeal_ema_decay!r}")
+    if r.correction_fn_rate == "auto":
+        if r.appeal_fn is None:
+            raise ConfigError("reward.correction_fn_rate=auto estimates rho1 from appeals and needs "
+                              "reward.appeal_fn (the re-check function: 'toy', 'math' or 'module:function')")
+        if r.correction == "none":
+            warnings.warn("reward.correction_fn_rate=auto with reward.correction=none: the appeals' estimate "
+                          "of rho1 is logged (fn_rate_estimate) but corrects nothing; set reward.correction="
+                          "backward or forward to use it", UserWarning, stacklevel=3)
+
+
+def _is_reward_spec(spec: str) -> bool:
+    return spec in ("toy", "math") or (spec.count(":") == 1 and all(spec.partition(":")[::2]))
 
 
 def _positive(key: str, value: int, allow_zero: bool = False) -> None:

@@ -5,7 +5,8 @@ training step:
 
   1. take `prompts_per_step` prompts (deterministic sampler), sample `n` responses each;
   2. score them (failures get `reward.error_value` and are counted), optionally pass them
-     through a noisy verifier (per-sample false positives / negatives) and flip groups;
+     through a noisy verifier (per-sample false positives / negatives) and flip groups; with
+     `reward.appeal_fn`, re-check a share of the negatives to estimate the false-negative rate;
   3. optionally correct the noisy rewards (backward / forward), then compute the group baseline
      (VIMPO) / advantages (GRPO family) on the whole step batch;
   4. for each epoch and mini-batch: accumulate gradients over micro-batches, the loss
@@ -48,8 +49,8 @@ from .monitor import CollapseMonitor, Limits, emit
 from .model import (PolicyWithReference, SequenceBatch, context_length, frozen_copy, lm_head, load_policy,
                     response_hidden, shard)
 from .plot import plot_metrics
-from .rewards import (backward_correction, corrected_advantages, flip_group_rewards, forward_weights, load_reward_fn,
-                      score, verifier_noise)
+from .rewards import (FNRateAppeals, appealed_fn_rate, backward_correction, corrected_advantages, flip_group_rewards,
+                      forward_weights, load_reward_fn, score, verifier_noise)
 from .rollout import Rollouts, left_pad, make_rollout
 from .train_config import Config, ConfigError, save_config
 
@@ -76,13 +77,16 @@ def train(cfg: Config) -> dict:
     # ---- data, rewards, models ----
     train_recs, eval_recs = load_splits(cfg.data, cfg.train.seed)  # before the model: fail fast
     reward_fn = load_reward_fn(cfg.reward.fn, cfg.reward.timeout_s)
+    appeal_fn = None if cfg.reward.appeal_fn is None else load_reward_fn(cfg.reward.appeal_fn, cfg.reward.timeout_s)
     policy, tokenizer = load_policy(cfg.model, cfg.train.seed, cfg.data.toy_task)
     policy.to(env.device)
     train_ids = tokenize_prompts(tokenizer, train_recs, cfg, "train", policy)
     eval_ids = tokenize_prompts(tokenizer, eval_recs, cfg, "eval", policy)
     loss_cfg = cfg.loss_config()
     run = RunState(monitor=CollapseMonitor(Limits(kl_per_token=cfg.train.collapse_kl_per_token),
-                                           cfg.algorithm.name, cfg.algorithm.recipe))
+                                           cfg.algorithm.name, cfg.algorithm.recipe),
+                   appeals=None if appeal_fn is None else FNRateAppeals(cfg.reward.appeal_prob,
+                                                                        cfg.reward.appeal_ema_decay))
     if resume_from is None and cfg.sft.steps > 0:
         run_sft(policy, tokenizer, train_recs, train_ids, cfg, env, log)
     reference = frozen_copy(policy) if needs_reference(loss_cfg) else None
@@ -121,7 +125,11 @@ def train(cfg: Config) -> dict:
         idx = sampler.next_indices(cfg.train.prompts_per_step)[env.rank::env.world]
         roll = rollout.generate([train_ids[i] for i in idx], cfg.rollout.n)
         recs = [train_recs[i] for i in idx for _ in range(cfg.rollout.n)]
-        rewards, group_ids, reward_stats = compute_rewards(roll, recs, tokenizer, reward_fn, cfg, step, env)
+        rewards, group_ids, reward_stats = compute_rewards(roll, recs, tokenizer, reward_fn, cfg, step, env,
+                                                           appeals=run.appeals, appeal_fn=appeal_fn)
+        fn_rate = correction_fn_rate(cfg, run.appeals)
+        if cfg.reward.correction_fn_rate == "auto":
+            reward_stats["fn_rate_used"] = fn_rate
         mean_length = env.all_mean(float(np.mean([len(r) for r in roll.response_ids])))
         if cfg.length_scaled_beta and run.beta is None:  # the default recipe's rule, fixed from here on
             run.beta = cfg.algorithm.beta_per_sequence / max(mean_length, 1.0)
@@ -129,7 +137,7 @@ def train(cfg: Config) -> dict:
             log.message(f"beta = {cfg.algorithm.beta_per_sequence:g} / {mean_length:.2f} (mean response length "
                         f"of step {step}) = {run.beta:.4g}")
         stats = update(net, optimizer, scheduler, roll, rewards, group_ids, loss_cfg, cfg, env, tokenizer.pad_token_id,
-                       run.adaptive)
+                       run.adaptive, fn_rate=fn_rate)
         rollout.update_weights(policy)
         row = {**reward_stats, **stats, "lr": scheduler.get_last_lr()[0], "response_length": mean_length,
                "truncated_frac": env.all_mean(float(np.mean(roll.truncated))),
@@ -174,24 +182,31 @@ class RunState:
     """The default recipe's length-scaled beta, once measured."""
     adaptive: adaptive.AdaptiveCoeff = None
     monitor: CollapseMonitor = None
+    appeals: Optional[FNRateAppeals] = None
+    """The online false-negative rate (`reward.appeal_fn` set), its EMA carried across steps."""
 
     def __post_init__(self):
         self.adaptive = self.adaptive or adaptive.AdaptiveCoeff()
         self.monitor = self.monitor or CollapseMonitor()
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "adaptive": self.adaptive.state_dict(), "monitor": self.monitor.state_dict()}
+        state = {"beta": self.beta, "adaptive": self.adaptive.state_dict(), "monitor": self.monitor.state_dict()}
+        if self.appeals is not None:
+            state["appeals"] = self.appeals.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.beta = state["beta"]
         self.adaptive.load_state_dict(state["adaptive"])
         self.monitor.load_state_dict(state["monitor"])
+        if self.appeals is not None and "appeals" in state:  # absent: a run without appeals
+            self.appeals.load_state_dict(state["appeals"])
 
 
 def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_cfg, cfg: Config, env,
-           pad: int, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None) -> dict:
+           pad: int, adaptive_coeff: Optional[adaptive.AdaptiveCoeff] = None, fn_rate: Optional[float] = None) -> dict:
     raw_mean = env.all_mean(float(rewards.mean()))
-    rewards, extra = advantage_inputs(rewards, group_ids, loss_cfg, cfg)
+    rewards, extra = advantage_inputs(rewards, group_ids, loss_cfg, cfg, fn_rate=fn_rate)
     sums: dict[str, float] = {}
     rows = torch.arange(len(roll.response_ids))
     mini_batches = rows.chunk(cfg.train.mini_batches)
@@ -246,7 +261,8 @@ def update(net, optimizer, scheduler, roll: Rollouts, rewards, group_ids, loss_c
     return out
 
 
-def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, cfg: Config):
+def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, cfg: Config,
+                     fn_rate: Optional[float] = None):
     """(rewards the loss sees, {"baseline" or "advantages": ...}) for the whole step batch: where
     rewards become advantages, and where the noisy-verifier corrections hook in (docs/math.md,
     "Noisy-verifier corrections").
@@ -257,21 +273,26 @@ def advantage_inputs(rewards: torch.Tensor, group_ids: torch.Tensor, loss_cfg, c
       the correction; Cai et al., App. B.2-B.4); GN-IVO's softmax scores are R^ itself;
     forward:  w = R~ + rho1 - 1 is each sample's score-function weight: the GRPO-family advantage
       as it is, and VIMPO's target (baseline 0). No group centring or std normalisation follows:
-      w is R~ shifted by a constant, which a group mean would cancel exactly."""
+      w is R~ shifted by a constant, which a group mean would cancel exactly.
+
+    `fn_rate`: the rho1 both corrections use in place of `reward.correction_fn_rate` (the
+    appeals' estimate under `auto`, see `correction_fn_rate`)."""
     r = cfg.reward
     extra = {}
+    rho1 = r.correction_fn_rate if fn_rate is None else fn_rate
+    if r.correction != "none" and isinstance(rho1, str):
+        raise ValueError(f"reward.correction_fn_rate={rho1!r}: advantage_inputs needs the estimated rate (fn_rate=)")
     if r.correction == "forward":
-        rewards = forward_weights(rewards, r.correction_fn_rate)
+        rewards = forward_weights(rewards, rho1)
         if loss_cfg.is_grpo_family:
             extra["advantages"] = rewards.clone()
         else:
             extra["baseline"] = torch.zeros_like(rewards)
         return rewards, extra
     if r.correction == "backward":
-        raw, rewards = rewards, backward_correction(rewards, r.correction_fp_rate, r.correction_fn_rate)
+        raw, rewards = rewards, backward_correction(rewards, r.correction_fp_rate, rho1)
         if loss_cfg.is_grpo_family and loss_cfg.policy_loss != "gn_ivo":
-            extra["advantages"] = corrected_advantages(raw, group_ids, "backward", r.correction_fp_rate,
-                                                       r.correction_fn_rate)
+            extra["advantages"] = corrected_advantages(raw, group_ids, "backward", r.correction_fp_rate, rho1)
             return rewards, extra
     if loss_cfg.is_grpo_family:
         extra["advantages"] = grpo_advantages(rewards, group_ids, norm_by_std=loss_cfg.grpo_norm_by_std,
@@ -368,9 +389,41 @@ def build_batch(roll: Rollouts, rows: list[int], pad: int, device) -> SequenceBa
                          prompt_ids.shape[1], targets.to(device), mask.to(device))
 
 
-def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg: Config, step: int, env):
+def correction_fn_rate(cfg: Config, appeals: Optional[FNRateAppeals]) -> Optional[float]:
+    """The rho1 of this step's correction: `reward.correction_fn_rate` when it is a number,
+    else (`auto`) the appeals' current estimate, capped for `backward` (rewards.appealed_fn_rate)."""
+    r = cfg.reward
+    if r.correction_fn_rate != "auto":
+        return None
+    if appeals is None or appeals.rate is None:
+        raise ValueError("reward.correction_fn_rate=auto: no appeals estimate yet (reward.appeal_fn unset?)")
+    return appealed_fn_rate(appeals.rate, r.correction, r.correction_fp_rate)
+
+
+def run_appeals(appeals: FNRateAppeals, appeal_fn, prompts, completions, answers, train_rewards, keys, cfg: Config,
+                step: int, env) -> dict:
+    """The paper's appeals on this step's training rewards (after any simulated noise): each rank
+    re-checks its own selected negatives (keys unique across ranks, draws seeded by
+    `reward.noise_seed` and the step), the counts are summed over the data-parallel ranks, and every
+    rank folds the same global counts into its estimate (Eqs. (10)-(12)). Logged stats."""
+    def all_sum(counts):
+        return env.all_sum_tensor(torch.tensor(counts, dtype=torch.float64)).tolist()
+
+    try:
+        return appeals.appeal(appeal_fn, prompts, completions, answers, train_rewards, keys, seed=cfg.reward.noise_seed,
+                              step=step, timeout_s=None if cfg.reward.appeal_fn == "math" else cfg.reward.timeout_s,
+                              all_sum=all_sum)
+    except ValueError as exc:
+        raise ValueError(f"reward.appeal_fn={cfg.reward.appeal_fn!r}: the appeals need 0/1 training rewards "
+                         f"(reward.fn={cfg.reward.fn!r}, reward.error_value={cfg.reward.error_value!r}): {exc}") from None
+
+
+def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg: Config, step: int, env,
+                    appeals: Optional[FNRateAppeals] = None, appeal_fn=None):
     """(rewards used for training, group ids, logged stats). Noise: a noisy verifier flips single
-    samples (false positives / negatives), then `noise_flip_prob` flips whole groups."""
+    samples (false positives / negatives), then `noise_flip_prob` flips whole groups. With
+    `appeals`, the negatives among the resulting training rewards are appealed to `appeal_fn`
+    (`run_appeals`; logged `fn_rate_estimate`, `appeals`, `appeals_overturned`, ...)."""
     completions = tokenizer.batch_decode(roll.response_ids, skip_special_tokens=True)
     result = score(reward_fn, [r["prompt"] for r in recs], completions, [r["answer"] for r in recs],
                    cfg.reward.error_value, None if cfg.reward.fn == "math" else cfg.reward.timeout_s)
@@ -378,8 +431,8 @@ def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg:
     groups = [j for j in range(len(recs) // n) for _ in range(n)]
     train_rewards, flipped = result.rewards, [False] * len(recs)
     fps = fns = [False] * len(recs)
+    keys = [f"{env.rank}-{g}-{k % n}" for k, g in enumerate(groups)]  # one per sample, unique across ranks
     if cfg.reward.noise_fp_rate > 0 or cfg.reward.noise_fn_rate > 0:
-        keys = [f"{env.rank}-{g}-{k % n}" for k, g in enumerate(groups)]
         train_rewards, fps, fns = verifier_noise(train_rewards, keys, seed=cfg.reward.noise_seed, step=step,
                                                  fp_rate=cfg.reward.noise_fp_rate, fn_rate=cfg.reward.noise_fn_rate)
     if cfg.reward.noise_flip_prob > 0:
@@ -391,6 +444,9 @@ def compute_rewards(roll: Rollouts, recs: list[dict], tokenizer, reward_fn, cfg:
              "flipped_frac": float(np.mean(flipped)),
              "false_positive_frac": env.all_mean(float(np.mean(fps))),
              "false_negative_frac": env.all_mean(float(np.mean(fns)))}
+    if appeals is not None:
+        stats.update(run_appeals(appeals, appeal_fn, [r["prompt"] for r in recs], completions,
+                                 [r["answer"] for r in recs], train_rewards, keys, cfg, step, env))
     if result.errors and env.is_main:
         print(f"[vimpo] step {step}: {result.errors} reward error(s), scored {cfg.reward.error_value}; "
               f"first: {result.messages[0]}", flush=True)

@@ -14,3 +14,15 @@ def always_raises(prompts, completions, answers):
 
 def nan_for_odd_digit(prompts, completions, answers):
     return [math.nan if c[:1] in "13579" and c[:1] != "" else 1.0 for c in completions]
+
+
+RECHECKED: list[str] = []
+"""Every completion `exact_recheck` was asked about, in order (tests clear it)."""
+
+
+def exact_recheck(prompts, completions, answers):
+    """The appeals' re-check for `first_digit_odd` under a simulated noisy verifier: the exact clean
+    checker, so it recovers the true label of every appealed sample (the channel flips only the
+    training reward) and the overturned appeals are exactly the appealed false negatives."""
+    RECHECKED.extend(completions)
+    return first_digit_odd(prompts, completions, answers)

@@ -1,7 +1,8 @@
 """Noisy-verifier corrections (docs/math.md, "Noisy-verifier corrections"; Cai et al., arXiv
 2510.00915): the formulas on hand cases, unbiasedness by simulation, bad rates rejected, where the
 correction changes the update, the paper's GRPO-family coefficients (its Appendix B), its online
-false-negative rate by appeals (Eqs. (10)-(12)), and the seeded per-sample noise channel."""
+false-negative rate by appeals (Eqs. (10)-(12)) and its use in the trainer (`reward.correction_fn_rate:
+auto`), and the seeded per-sample noise channel."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vimpo.rewards import (FNRateAppeals, backward_correction, check_noise_rates, corrected_advantages,
-                           correction_selfcheck, forward_weights, leave_one_out_mean, verifier_noise)
-from vimpo.train_config import ConfigError, load_config
-from vimpo.trainer import advantage_inputs, train
+from vimpo.rewards import (APPEAL_MIN_DETERMINANT, FNRateAppeals, appealed_fn_rate, backward_correction,
+                           check_noise_rates, corrected_advantages, correction_selfcheck, forward_weights,
+                           leave_one_out_mean, verifier_noise)
+from vimpo.train_config import ConfigError, load_config, save_config
+from vimpo.trainer import advantage_inputs, run_appeals, train
 from vimpo_kernels.vimpo_loss import vimpo_loss
 
 RHO0, RHO1 = 0.15, 0.25  # false-positive and false-negative rates of the simulations
@@ -417,3 +419,204 @@ def test_training_logs_raw_and_corrected_rewards(tiny, tmp_path, test_rewards_on
                     else r["reward_raw_mean"] + 0.3 - 1)
         assert r["reward_corrected_mean"] == pytest.approx(expected, abs=1e-6)
     assert sum(r["false_positive_frac"] + r["false_negative_frac"] for r in runs[0]) > 0
+
+
+# ---- the appeals' estimate in the trainer (`reward.correction_fn_rate: auto`) --------------------
+
+AUTO = ["reward.correction=forward", "reward.correction_fn_rate=auto", "reward.appeal_fn=toy"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["reward.correction=forward", "reward.correction_fn_rate=auto"], "reward.correction_fn_rate=auto .* needs reward.appeal_fn"),
+    (["reward.correction_fn_rate=automatic"], "reward.correction_fn_rate must be a number in .* or 'auto'"),
+    (["reward.correction_fn_rate=true"], "reward.correction_fn_rate must be"),
+    ([*AUTO, "reward.appeal_prob=0"], r"reward\.appeal_prob must lie in \(0, 1\]"),
+    ([*AUTO, "reward.appeal_prob=1.5"], r"reward\.appeal_prob must lie in \(0, 1\]"),
+    ([*AUTO, "reward.appeal_prob=-0.1"], r"reward\.appeal_prob"),
+    ([*AUTO, "reward.appeal_ema_decay=1"], r"reward\.appeal_ema_decay must lie in \[0, 1\)"),
+    ([*AUTO, "reward.appeal_ema_decay=-0.5"], r"reward\.appeal_ema_decay"),
+    ([*AUTO, "reward.appeal_fn=not_a_spec"], r"reward\.appeal_fn must be 'toy', 'math' or 'module:function'"),
+    ([*AUTO, "reward.appeal_fn=a:b:c"], r"reward\.appeal_fn"),
+    (["reward.correction=backward", "reward.correction_fn_rate=auto", "reward.appeal_fn=toy",
+      "reward.correction_fp_rate=1.0"], r"reward\.correction_fp_rate"),
+])
+def test_appeals_config_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_appeals_config_accepted(tmp_path):
+    cfg = load_config(None, [*AUTO, "reward.appeal_prob=0.25", "reward.appeal_ema_decay=0"])
+    r = cfg.reward
+    assert (r.correction_fn_rate, r.appeal_fn, r.appeal_prob, r.appeal_ema_decay) == ("auto", "toy", 0.25, 0.0)
+    defaults = load_config(None, AUTO).reward
+    assert (defaults.appeal_prob, defaults.appeal_ema_decay) == (0.1, 0.9)  # the paper's q and lambda
+    # Numbers keep working (ints and YAML's dot-less exponent strings are floats), and `auto`
+    # survives the saved config.yaml.
+    assert load_config(None, ["reward.correction_fn_rate=0.25"]).reward.correction_fn_rate == 0.25
+    assert load_config(None, ["reward.correction_fn_rate=0"]).reward.correction_fn_rate == 0.0
+    assert load_config(None, ["reward.correction_fn_rate=1e-2"]).reward.correction_fn_rate == 0.01
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").reward == cfg.reward
+    # The appeals may run for their log alone, with a number as the correction's rate.
+    assert load_config(None, ["reward.appeal_fn=toy"]).reward.appeal_fn == "toy"
+
+
+def test_auto_without_a_correction_warns_naming_the_setting():
+    with pytest.warns(UserWarning, match="reward.correction_fn_rate=auto with reward.correction=none"):
+        load_config(None, ["reward.correction_fn_rate=auto", "reward.appeal_fn=toy"])
+
+
+def test_appealed_rate_capped_for_backward_only():
+    assert appealed_fn_rate(0.9, "forward", 0.3) == 0.9
+    assert appealed_fn_rate(0.9, "backward", 0.3) == pytest.approx(1 - 0.3 - APPEAL_MIN_DETERMINANT)
+    assert appealed_fn_rate(0.2, "backward", 0.3) == 0.2
+    assert appealed_fn_rate(0.2, "backward", 0.97) == 0.0  # never negative
+
+
+@pytest.mark.parametrize("correction", ["backward", "forward"])
+def test_advantage_inputs_take_the_estimate_as_rho1(correction):
+    """Under `auto` the trainer's estimate is the rho1 of both corrections (rho0 as configured)."""
+    fixed = load_config(None, ["algorithm.name=dr_grpo", f"reward.correction={correction}",
+                               f"reward.correction_fp_rate={RHO0}", f"reward.correction_fn_rate={RHO1}"])
+    auto = load_config(None, ["algorithm.name=dr_grpo", f"reward.correction={correction}",
+                              f"reward.correction_fp_rate={RHO0}", "reward.correction_fn_rate=auto",
+                              "reward.appeal_fn=toy"])
+    loss_cfg = fixed.loss_config()
+    r_fixed, e_fixed = advantage_inputs(REWARDS.clone(), GROUPS, loss_cfg, fixed)
+    r_auto, e_auto = advantage_inputs(REWARDS.clone(), GROUPS, loss_cfg, auto, fn_rate=RHO1)
+    torch.testing.assert_close(r_auto, r_fixed)
+    torch.testing.assert_close(e_auto["advantages"], e_fixed["advantages"])
+    with pytest.raises(ValueError, match="fn_rate"):
+        advantage_inputs(REWARDS.clone(), GROUPS, loss_cfg, auto)
+
+
+def _two_ranks(n: int = 400):
+    """Two ranks' samples of a step: clean labels, rule rewards with false negatives, unique keys."""
+    gen = torch.Generator().manual_seed(5)
+    clean = (torch.rand(2, n, generator=gen) < 0.5).tolist()
+    fn = (torch.rand(2, n, generator=gen) < 0.3).tolist()
+    ranks = []
+    for rank in range(2):
+        completions = ["1" if c else "2" for c in clean[rank]]  # first_digit_odd: "1" correct, "2" wrong
+        rule = [1.0 if c and not f else 0.0 for c, f in zip(clean[rank], fn[rank])]
+        ranks.append((completions, rule, [f"{rank}-{i // 4}-{i % 4}" for i in range(n)]))
+    return ranks
+
+
+def test_appeals_sum_counts_over_ranks(test_rewards_on_path):
+    """Under data parallelism each rank appeals its own negatives and all ranks fold the summed
+    counts: both ranks' estimates equal one process's over all the samples."""
+    from reward_fns_for_tests import exact_recheck
+
+    ranks = _two_ranks()
+    kw = dict(seed=2, step=9)
+    local = [FNRateAppeals(appeal_prob=0.3).counts(exact_recheck, ["p"] * len(c), c, ["a"] * len(c), r, k, **kw)
+             for c, r, k in ranks]
+    single = FNRateAppeals(appeal_prob=0.3)
+    every = [sum((x[i] for x in ranks), []) for i in range(3)]
+    want = single.appeal(exact_recheck, ["p"] * len(every[0]), every[0], ["a"] * len(every[0]), every[1], every[2],
+                         **kw)
+    for rank, (c, r, k) in enumerate(ranks):
+        other = local[1 - rank]
+        est = FNRateAppeals(appeal_prob=0.3)
+        got = est.appeal(exact_recheck, ["p"] * len(c), c, ["a"] * len(c), r, k, **kw,
+                         all_sum=lambda counts: [a + b for a, b in zip(counts, other)])
+        assert got == want and est.rate == single.rate
+    assert want["appeals_overturned"] > 0 and want["appeal_positives"] == sum(sum(x[1]) for x in ranks)
+
+
+class _SecondRank:
+    """A stand-in for the trainer's DistEnv on rank 1 of 2: its all-reduce adds rank 0's counts."""
+
+    rank, world = 1, 2
+
+    def __init__(self, other):
+        self.other = torch.tensor(other, dtype=torch.float64)
+
+    def all_sum_tensor(self, t):
+        return t + self.other
+
+
+def test_trainer_appeals_all_reduce_their_counts(test_rewards_on_path):
+    """`run_appeals` (what `compute_rewards` calls) sums [positives, appeals, overturned, errors]
+    over ranks with the DistEnv's all-reduce before updating the estimate."""
+    from reward_fns_for_tests import exact_recheck
+
+    cfg = load_config(None, ["reward.correction=forward", "reward.correction_fn_rate=auto",
+                             "reward.appeal_fn=reward_fns_for_tests:exact_recheck", "reward.appeal_prob=0.3",
+                             "reward.noise_seed=2"])
+    (c0, r0, k0), (c1, r1, k1) = _two_ranks()
+    rank0 = FNRateAppeals(appeal_prob=0.3).counts(exact_recheck, ["p"] * len(c0), c0, ["a"] * len(c0), r0, k0,
+                                                  seed=2, step=9)
+    est = FNRateAppeals(appeal_prob=0.3)
+    stats = run_appeals(est, exact_recheck, ["p"] * len(c1), c1, ["a"] * len(c1), r1, k1, cfg, 9, _SecondRank(rank0))
+    single = FNRateAppeals(appeal_prob=0.3)
+    want = single.appeal(exact_recheck, ["p"] * 2 * len(c0), c0 + c1, ["a"] * 2 * len(c0), r0 + r1, k0 + k1,
+                         seed=2, step=9)
+    assert stats == want and est.rate == single.rate
+
+
+def _appeal_run(tiny, out, *overrides):
+    cfg = tiny("algorithm.name=dr_grpo", "train.checkpoint_every=100", "train.eval_every=100",
+               "train.prompts_per_step=8", "reward.fn=reward_fns_for_tests:first_digit_odd",
+               "reward.appeal_fn=reward_fns_for_tests:exact_recheck", "reward.noise_fn_rate=0.3",
+               "reward.noise_seed=3", "reward.correction=forward", "reward.correction_fn_rate=auto", *overrides, out=out)
+    train(cfg)
+    return _train_rows(Path(cfg.train.output_dir) / "metrics.jsonl")
+
+
+def test_training_appeals_every_negative_counts_exactly(tiny, tmp_path, test_rewards_on_path):
+    """q = 1: every training negative is re-checked, the overturned ones are exactly the simulated
+    false negatives, and the logged estimate follows Eqs. (10)-(12) from the logged counts; the
+    forward correction used it as rho1."""
+    import reward_fns_for_tests
+
+    reward_fns_for_tests.RECHECKED.clear()
+    rows = _appeal_run(tiny, tmp_path / "q1", "train.steps=4", "reward.appeal_prob=1.0")
+    n = 32  # 8 prompts x 4 samples
+    rate = None
+    for r in rows:
+        assert r["appeals"] == round((1 - r["reward_raw_mean"]) * n)
+        assert r["appeal_positives"] == round(r["reward_raw_mean"] * n)
+        assert r["appeals_overturned"] == round(r["false_negative_frac"] * n)
+        assert r["appeal_errors"] == 0
+        fn = r["appeals_overturned"]
+        step_rate = (fn + 1e-5) / (fn + r["appeal_positives"] + 2e-5)
+        rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
+        assert r["fn_rate_estimate"] == pytest.approx(rate, abs=1e-12)
+        assert r["fn_rate_used"] == r["fn_rate_estimate"]
+        assert r["reward_corrected_mean"] == pytest.approx(r["reward_raw_mean"] + r["fn_rate_used"] - 1, abs=1e-6)
+    assert len(reward_fns_for_tests.RECHECKED) == sum(r["appeals"] for r in rows)
+    assert sum(r["appeals_overturned"] for r in rows) > 0
+
+
+def test_training_estimate_converges_to_the_noise_fn_rate(tiny, tmp_path, test_rewards_on_path):
+    """40 steps of 32 samples, q = 0.5, lambda = 0.9, the simulated verifier's true false-negative
+    rate 0.3 (no false positives: the paper's rule-checker regime): the logged estimate ends within
+    0.1 of 0.3 (its stationary SD is ~0.03 here), the pooled Horvitz-Thompson estimate over all
+    steps within 0.05; with a clean verifier (rate 0) it stays at the pseudocount's ~1e-6."""
+    rows = _appeal_run(tiny, tmp_path / "noisy", "train.steps=40", "reward.appeal_prob=0.5")
+    trajectory = [round(r["fn_rate_estimate"], 3) for r in rows]
+    print("fn_rate_estimate by step:", trajectory)
+    fn_hat = sum(r["appeals_overturned"] for r in rows) / 0.5
+    pooled = fn_hat / (fn_hat + sum(r["appeal_positives"] for r in rows))
+    true_share = sum(r["false_negative_frac"] for r in rows) * 32 / (
+        sum(r["false_negative_frac"] for r in rows) * 32 + sum(r["appeal_positives"] for r in rows))
+    print(f"pooled estimate {pooled:.3f}, the run's realised false-negative share {true_share:.3f}")
+    assert abs(rows[-1]["fn_rate_estimate"] - 0.3) < 0.1
+    assert abs(sum(trajectory[-20:]) / 20 - 0.3) < 0.1
+    assert abs(pooled - 0.3) < 0.05
+    clean = _appeal_run(tiny, tmp_path / "clean", "train.steps=5", "reward.appeal_prob=0.5", "reward.noise_fn_rate=0")
+    assert all(r["appeals_overturned"] == 0 and r["fn_rate_estimate"] < 1e-4 for r in clean)
+
+
+def test_training_appeals_resume_with_the_estimate(tiny, tmp_path, test_rewards_on_path):
+    """The estimate's EMA is part of the checkpoint: a resumed run logs what an uninterrupted one does."""
+    common = ["reward.appeal_prob=0.5", "reward.correction=backward", "reward.correction_fp_rate=0.05"]
+    straight = _appeal_run(tiny, tmp_path / "straight", *common, "train.steps=4")
+    _appeal_run(tiny, tmp_path / "split", *common, "train.steps=2", "train.checkpoint_every=2")
+    split = _appeal_run(tiny, tmp_path / "split", *common, "train.steps=4", "train.checkpoint_every=2",
+                        "train.resume=true")
+    keys = ("fn_rate_estimate", "fn_rate_used", "appeals", "appeals_overturned", "reward_corrected_mean", "loss")
+    assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in split]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from golden_data import reward_noise
-from vimpo.rewards import MathReward, flip_group_rewards, group_uniform, load_reward_fn, score
+from vimpo.rewards import FNRateAppeals, MathReward, flip_group_rewards, group_uniform, load_reward_fn, score
 
 
 @pytest.mark.golden
@@ -97,3 +97,22 @@ def test_user_function_loader(test_rewards_on_path):
         load_reward_fn("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="has no callable 'missing'"):
         load_reward_fn("reward_fns_for_tests:missing")
+
+
+def test_recheck_function_loads_like_a_reward_function(test_rewards_on_path):
+    """`reward.appeal_fn` is loaded by `load_reward_fn` as `reward.fn` is; `FNRateAppeals.counts`
+    calls it on the selected negatives only and leaves the estimate alone (the trainer sums the
+    counts over ranks first); the estimate round-trips through its state dict (checkpoints)."""
+    import reward_fns_for_tests
+
+    recheck = load_reward_fn("reward_fns_for_tests:exact_recheck")
+    reward_fns_for_tests.RECHECKED.clear()
+    rewards, completions = [1.0, 0.0, 0.0, 0.0], ["1", "3", "4", "5"]  # "3", "5": false negatives
+    est = FNRateAppeals(appeal_prob=1.0)
+    counts = est.counts(recheck, ["p"] * 4, completions, ["a"] * 4, rewards, ["k0", "k1", "k2", "k3"], seed=0, step=0)
+    assert counts == [1.0, 3.0, 2.0, 0.0] and est.rate is None
+    assert reward_fns_for_tests.RECHECKED == ["3", "4", "5"]
+    est.update(positives=1, overturned=2)
+    restored = FNRateAppeals(appeal_prob=1.0)
+    restored.load_state_dict(est.state_dict())
+    assert restored.rate == est.rate == pytest.approx(2 / 3, abs=1e-5)
