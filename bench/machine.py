@@ -1,4 +1,8 @@
-"""Where a run ran: machine, versions, git revision, free memory, the device's bf16 peak."""
+"""Where a run ran: machine, versions, git revision, free memory, the device's peaks.
+
+The device peaks come from `bench/devices.py` (the one device table, shared with the tools);
+an unknown GPU gets no peak figure and says so, never a neighbour's.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,9 @@ from typing import Optional
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .devices import DeviceSpec, describe, lookup
 
-# Dense bf16 tensor-core peaks (vendor datasheets), for the "fraction of peak" column.
-BF16_PEAK_FLOPS = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12,
-                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine_info(device: str) -> dict:
@@ -21,24 +23,39 @@ def machine_info(device: str) -> dict:
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "mem_total_gib": round(_meminfo("MemTotal") / 2**30, 1), "hostname": platform.node()}
     if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["bf16_peak_tflops"] = (bf16_peak(device) or 0) / 1e12 or None
+        name = torch.cuda.get_device_name()
+        spec = lookup(name)
+        info["gpu"] = name
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["gpu_spec"] = spec.as_dict() if spec else None
+        info["gpu_spec_note"] = describe(name)
+        info["bf16_peak_tflops"] = spec.bf16 / 1e12 if spec else None
     return info
 
 
-def bf16_peak(device: str) -> Optional[float]:
-    """Dense bf16 flop/s of the visible GPU, when it is one of `BF16_PEAK_FLOPS`."""
+def device_spec(device: str) -> Optional[DeviceSpec]:
+    """The datasheet figures of the visible GPU; None on the CPU or for an unknown GPU."""
     if device != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, flops in BF16_PEAK_FLOPS.items():
-        if all(word in name for word in key.split()):
-            return flops
-    return None
+    return lookup(torch.cuda.get_device_name())
 
 
-def available_memory() -> float:
-    """Bytes the kernel would give a new allocation now (MemAvailable); inf when unknown."""
+def bf16_peak(device: str) -> Optional[float]:
+    """Dense bf16 flop/s of the visible GPU (bench/devices.py); None when there is none or the
+    device is unknown."""
+    spec = device_spec(device)
+    return spec.bf16 if spec else None
+
+
+def available_memory(device: str = "cpu") -> float:
+    """Bytes a new allocation could get now on `device`: free device memory on a GPU
+    (`torch.cuda.mem_get_info`, what the driver reports for the whole device), MemAvailable of
+    the host otherwise; inf when unknown."""
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            return 0.0
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return float(free)
     return _meminfo("MemAvailable") or float("inf")
 
 

@@ -54,7 +54,8 @@ def markdown(results: dict) -> str:
              f"- date: {run['started']} (UTC), {run.get('elapsed_s', '?')} s; command: `{run['command']}`",
              f"- git: `{(git.get('commit') or '?')[:10]}`{' (uncommitted changes)' if git.get('dirty') else ''}",
              f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-             f"{m['mem_total_gib']} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+             f"{m['mem_total_gib']} GiB" + (f", GPU {m['gpu']} ({m.get('gpu_spec_note', 'no peak figures')})"
+                                             if m.get("gpu") else ""),
              f"- load average (1/5/15 min): start {_load(run['load_start'])}, end {_load(run.get('load_end'))}",
              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
              f"- timing: median of {run['reps']} forward+backward runs after {run['warmup']} warm-up "

@@ -217,7 +217,9 @@ def stage_env(run: Run) -> Outcome:
                                  "--format=csv,noheader"]).strip()
     name = info.get("device_name")
     label, peak, model = roofline.device_from_name(name) if name else (None, None, None)
-    info.update(device_label=label, bf16_peak=peak, model_device=model)
+    spec = roofline.devices.lookup(name)
+    info.update(device_label=label, bf16_peak=peak, model_device=model, device_spec=spec.as_dict() if spec else None,
+                device_note=roofline.devices.describe(name) if name else None)
     run.env_info = info
     o.details = info
     if rc != 0 or not line:
@@ -227,7 +229,7 @@ def stage_env(run: Run) -> Outcome:
     o.status = "info"
     where = f"{name} (sm_{info['capability'].replace('.', '')}, {info['memory_gib']} GiB, {info['sms']} SMs)" \
         if name else "no CUDA device (dry run: CPU)"
-    peak_s = f"dense bf16 peak {peak / 1e12:.0f} TFLOP/s ({label})" if peak else "no bf16 peak known for this device"
+    peak_s = info["device_note"] if name else "no GPU peak (CPU)"
     o.summary = (f"{where}; torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
                  f"liger {info['liger-kernel']}, cce {info['cut-cross-entropy']}; {peak_s}; "
                  f"compute-sanitizer: {info['compute-sanitizer'] or 'not found'}; design GEMM probe: "
@@ -574,7 +576,7 @@ def write_report(run: Run, outcomes: list[Outcome], started: str, elapsed: float
         f"- device: {info.get('device_name') or 'CPU (no CUDA device)'}"
         + (f", sm_{info['capability'].replace('.', '')}, {info['memory_gib']} GiB, {info['sms']} SMs" if info.get(
             'device_name') else "")
-        + (f"; dense bf16 peak {peak / 1e12:.0f} TFLOP/s ({info['device_label']})" if peak else "")
+        + (f"; {info['device_note']}" if info.get("device_note") else "")
         + (f"; driver {info['driver']}" if info.get("driver") else ""),
         f"- versions: torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), triton {info.get('triton')}, "
         f"liger-kernel {info.get('liger-kernel')}, cut-cross-entropy {info.get('cut-cross-entropy')}, "

@@ -20,17 +20,39 @@ bf16 peak), with useful FLOPs = the four GEMMs (8 N H V) plus one recompute of t
 useful work.
 
 Every device figure is a datasheet number or a stated assumption (`Device`); change one and
-every table moves with it. `bench/tools/gpu_check.py` imports `DEVICES` and `predicted_ms` to
-put the model beside what a GPU measures.
+every table moves with it. The datasheet figures (peaks, HBM bandwidth, memory) and the matcher
+from a device name to them come from `bench/devices.py`, the one device table of the repository
+(loaded by path: this tool does not import the benchmark package). `bench/tools/gpu_check.py`
+imports `DEVICES`, `device_from_name` and `predicted_ms` to put the model beside what a GPU
+measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path as _FsPath
 
 GB = 1e9
+BENCH_DIR = _FsPath(__file__).resolve().parents[1]
+
+
+def load_bench_file(name: str):
+    """A stdlib-only module of `bench/` (`devices`, `footprint`) loaded by path, once, as
+    `_bench_<name>`: the tools share its figures without importing the benchmark package."""
+    key = f"_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+devices = load_bench_file("devices")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,14 +62,16 @@ GB = 1e9
 @dataclass(frozen=True)
 class Device:
     name: str
-    bf16: float = 989.4e12
-    """Dense bf16 tensor-core peak, FLOP/s (datasheet)."""
-    tf32: float = 494.7e12
+    bf16: float
+    """Dense bf16 tensor-core peak, FLOP/s (datasheet, bench/devices.py)."""
+    tf32: float
     """Dense TF32 tensor-core peak (datasheet): fp32 GEMMs when torch's allow_tf32 is on."""
-    fp32: float = 66.9e12
+    fp32: float
     """fp32 FMA peak of the CUDA cores (datasheet): SGEMM and elementwise math."""
-    hbm: float = 3.35e12
+    hbm: float
     """HBM bandwidth, B/s (datasheet)."""
+    memory: float
+    """Device memory, bytes, as nvidia-smi reports it (H100 80GB HBM3: 81559 MiB)."""
     l2_bytes: float = 50e6
     """L2 capacity (datasheet)."""
     l2_usable: float = 0.5
@@ -63,42 +87,24 @@ class Device:
     """Assumption: the share of the tensor (or FMA) peak a large cuBLAS GEMM sustains; the
     floor is also printed at 100 %."""
     sms: int = 132
-    memory: float = 81559 * 2**20
-    """Device memory, bytes, as nvidia-smi reports it (H100 80GB HBM3: 81559 MiB)."""
 
 
-H100_SXM = Device("H100 SXM")
-DEVICES = {
-    "H100 SXM": H100_SXM,
-    # Same SM array and L2 as the H100 SXM; faster, larger HBM3e (datasheet).
-    "H200 SXM": replace(H100_SXM, name="H200 SXM", hbm=4.8e12, memory=143771 * 2**20),
-}
+def _modeled(spec) -> Device:
+    """A `Device` with the datasheet figures of `bench/devices.py` and this model's assumptions."""
+    return Device(spec.model, bf16=spec.bf16, tf32=spec.tf32, fp32=spec.fp32, hbm=spec.hbm, memory=spec.memory)
 
 
-# torch.cuda.get_device_name() -> (label, dense bf16 FLOP/s from the datasheet, key of DEVICES
-# when the full model exists). The first pattern that matches wins: PCIe and NVL parts before the
-# SXM default ("NVIDIA H100 80GB HBM3" is the SXM5 part), L40S before L4.
-DEVICE_NAMES = (
-    (r"H[18]00.*PCIe", "H100 PCIe", 756e12, None),
-    (r"H100.*NVL", "H100 NVL", 835e12, None),
-    (r"H200.*NVL", "H200 NVL", 835e12, None),
-    (r"GH200", "GH200", 989.4e12, None),
-    (r"H200", "H200 SXM", 989.4e12, "H200 SXM"),
-    (r"H[18]00", "H100 SXM", 989.4e12, "H100 SXM"),
-    (r"B200", "B200", 2250e12, None),
-    (r"A100|A800", "A100", 312e12, None),
-    (r"L40S", "L40S", 362e12, None),
-    (r"\bL4\b", "L4", 121e12, None),
-)
+# The devices with the full model: the table's entries that name a model key. The H200 SXM has
+# the H100 SXM's SMs, clocks and L2 (the assumptions above), faster and larger HBM3e.
+DEVICES = {spec.model: _modeled(spec) for _, spec in devices.DEVICE_TABLE if spec.model}
+H100_SXM = DEVICES["H100 SXM"]
 
 
 def device_from_name(name: str) -> tuple:
-    """(label, dense bf16 peak FLOP/s, DEVICES key or None); (None, None, None) when unknown."""
-    import re
-    for pattern, label, peak, model in DEVICE_NAMES:
-        if re.search(pattern, name or ""):
-            return label, peak, model
-    return None, None, None
+    """(label, dense bf16 peak FLOP/s, DEVICES key or None) of a `torch.cuda.get_device_name()`
+    name, from `bench/devices.py`; (None, None, None) when the device is unknown there."""
+    spec = devices.lookup(name)
+    return (None, None, None) if spec is None else (spec.label, spec.bf16, spec.model)
 
 
 # ----------------------------------------------------------------------------------------------

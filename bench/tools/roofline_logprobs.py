@@ -12,12 +12,22 @@ measured on a GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
+from pathlib import Path
 
-# H100 SXM5 (vendor datasheet): dense bf16 tensor-core peak, HBM3 bandwidth, fp32 CUDA-core
-# peak, SFU exp2 throughput (16 per SM per clock, 132 SMs, 1.83 GHz boost).
-PEAK_BF16 = 989e12
-HBM_BPS = 3.35e12
-PEAK_FP32 = 67e12
+_DEVICES = Path(__file__).resolve().parents[1] / "devices.py"   # the one device table (stdlib only)
+_spec = importlib.util.spec_from_file_location("_bench_devices", _DEVICES)
+if "_bench_devices" not in sys.modules:
+    sys.modules["_bench_devices"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["_bench_devices"])
+H100_SXM = sys.modules["_bench_devices"].lookup("NVIDIA H100 80GB HBM3")
+
+# H100 SXM5 (vendor datasheet, bench/devices.py): dense bf16 tensor-core peak, HBM3 bandwidth,
+# fp32 CUDA-core peak; SFU exp2 throughput (16 per SM per clock, 132 SMs, 1.83 GHz boost).
+PEAK_BF16 = H100_SXM.bf16
+HBM_BPS = H100_SXM.hbm
+PEAK_FP32 = H100_SXM.fp32
 EXP2_PER_S = 16 * 132 * 1.83e9
 # Assumptions, not datasheet figures (state them, vary them, measure them when a GPU is lent):
 # sustained L2 -> SM bandwidth for tile loads, and L2 throughput of fp32 reductions

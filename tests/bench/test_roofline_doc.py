@@ -79,10 +79,11 @@ def test_fixes_never_make_a_path_slower():
     ("NVIDIA H200 NVL", "H200 NVL", 835e12),
     ("NVIDIA L40S", "L40S", 362e12),
     ("NVIDIA L4", "L4", 121e12),
-    ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB", 312e12),
     ("Tesla T4", None, None),
 ])
 def test_device_names_map_to_their_bf16_peak(name, label, peak):
+    """The model's device lookup is bench/devices.py's (tests/bench/test_devices.py: the table)."""
     got_label, got_peak, _ = roofline.device_from_name(name)
     assert (got_label, got_peak) == (label, peak)
 
