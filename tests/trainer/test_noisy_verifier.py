@@ -620,3 +620,42 @@ def test_training_appeals_resume_with_the_estimate(tiny, tmp_path, test_rewards_
                         "train.resume=true")
     keys = ("fn_rate_estimate", "fn_rate_used", "appeals", "appeals_overturned", "reward_corrected_mean", "loss")
     assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in split]
+
+
+@pytest.mark.slow
+def test_two_process_training_sums_the_appeals(tmp_path):
+    """torchrun, 2 processes (FSDP2, gloo), q = 1: the logged counts are the global ones (summed
+    over the ranks: every negative of both ranks appealed, the overturned ones exactly the
+    simulated false negatives of both) and the estimate follows Eqs. (10)-(12) from them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from trainer_testlib import HERE, REPO, TINY
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "vimpo.cli", "train", *TINY, f"train.output_dir={out}", "train.steps=3",
+           "train.checkpoint_every=100", "train.eval_every=100", "algorithm.name=dr_grpo",
+           "reward.fn=reward_fns_for_tests:first_digit_odd", "reward.appeal_fn=reward_fns_for_tests:exact_recheck",
+           "reward.noise_fn_rate=0.3", "reward.noise_seed=3", "reward.correction=forward",
+           "reward.correction_fn_rate=auto", "reward.appeal_prob=1.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _train_rows(out / "metrics.jsonl")
+    n = 16  # 4 prompts x 4 samples over both ranks
+    rate = None
+    for r in rows:
+        assert r["appeal_positives"] == round(r["reward_raw_mean"] * n)
+        assert r["appeals"] == n - r["appeal_positives"]
+        assert r["appeals_overturned"] == round(r["false_negative_frac"] * n)
+        fn = r["appeals_overturned"]
+        step_rate = (fn + 1e-5) / (fn + r["appeal_positives"] + 2e-5)
+        rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate
+        assert r["fn_rate_estimate"] == pytest.approx(rate, abs=1e-12)
+    assert sum(r["appeals_overturned"] for r in rows) > 0
