@@ -21,7 +21,9 @@ How a run goes
   isolation.py    how workers start (fork server, fresh interpreter, in process)
   rows.py         result rows with floor and baseline ratios
   checks.py       correctness and the preset's targets, as data
-  machine.py      machine, versions, git revision
+  machine.py      machine, versions, git revision, free memory
+  devices.py      the one GPU table (peaks, bandwidth) and its name matcher
+  footprint.py    the materializing baseline's peak memory, term by term
   report.py       the files of a run; table.py the Markdown table; plots.py the PNGs
 tools/            stand-alone scripts (AOT compile check, roofline, memory, CPU check)
 """

@@ -11,7 +11,8 @@ Memory: one more forward+backward per point after all timing runs (`memory.py` s
 
 Errors: normwise relative, max |x - truth| / max |truth|, for the per-token output and both
 gradients; the scalar loss uses |loss - truth| / max(|truth|, 1e-3) (a DAPO loss can be near 0).
-Allowed: the op's tolerance for the point's dtype (`Op.tolerance`).
+Allowed: the op's tolerance for the point's dtype (`Op.tolerance`), unless the contender states
+its own (`Contender.tolerance`: the materializing baseline's bf16 logits on a GPU).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from .contenders import get
-from .memory import CUDA_METHOD, PeakMemory, cpu_memory_method, strict_malloc
+from .memory import PeakMemory, method_for, strict_malloc
 from .ops import Point, Problem, get_op, make_problem
 
 LOSS_ERROR_FLOOR = 1e-3
@@ -94,13 +95,13 @@ def time_contenders(tasks: list[dict], reps: int, warmup: int, truth_dir: Option
             if on_update:
                 on_update(results)
     if memory and todo:
-        on_cuda = any(p.device == "cuda" for _, p, _ in todo)
-        method = CUDA_METHOD if on_cuda else cpu_memory_method()
-        if method is not None and not on_cuda:
+        # Per point: CUDA points read torch.cuda.max_memory_allocated, CPU points peak RSS (with
+        # glibc's fixed mmap threshold, which only matters to them).
+        if any(torch.device(p.device).type == "cpu" and method_for(p.device) for _, p, _ in todo):
             strict_malloc()
         for contender, point, row in todo:
             if row["status"] == "ok":
-                _memory_point(contender, point, row, method)
+                _memory_point(contender, point, row, method_for(point.device))
                 if on_update:
                     on_update(results)
     return results
@@ -135,7 +136,7 @@ def _time_point(contender, point: Point, reps: int, warmup: int, truth_dir: Opti
         if truth_dir is not None:
             truth = torch.load(truth_path(truth_dir, point))
             errs = errors_against(truth, loss, token_out, prob.hidden.grad, prob.weight.grad)
-            tol = get_op(point.op).tolerance[point.dtype]
+            tol = contender.tolerance(point) or get_op(point.op).tolerance[point.dtype]
             row.update(errors=errs, max_err=max(errs.values()), tol=tol, correct=max(errs.values()) <= tol)
     except Exception as exc:  # one failing point must not lose the others
         row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:500], traceback=traceback.format_exc()[-2000:])

@@ -12,7 +12,13 @@ heap). That setting makes every large allocation page-fault, which is why it is 
 the timing runs. The figure includes the gradient buffers (N x H and V x H), which every
 contender must produce.
 
-CUDA: `torch.cuda.max_memory_allocated()` minus the allocated bytes before the run.
+CUDA: `torch.cuda.max_memory_allocated()` minus the allocated bytes before the run: what torch's
+allocator handed out, never the host's RSS (a GPU run's host RSS says nothing about device
+memory). `method_for(device)` and `PeakMemory` choose by the point's device type.
+
+`allocator_peak(fn)` applies the CUDA accounting to the CPU allocator (through the profiler's
+memory events): tests use it to hold the planner's estimates (`footprint.py`) to what an
+implementation allocates, without a GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +65,27 @@ def strict_malloc() -> None:
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
         libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+
+
+def method_for(device: torch.device) -> Optional[str]:
+    """How peak memory is measured on `device` (the row's `mem_method`); None when it cannot be."""
+    return CUDA_METHOD if torch.device(device).type == "cuda" else cpu_memory_method()
+
+
+def allocator_peak(fn) -> tuple[object, int]:
+    """(fn(), peak bytes torch's CPU allocator had live during fn above the level at its start):
+    the accounting of `torch.cuda.max_memory_allocated` minus `memory_allocated` before, from the
+    profiler's allocation and free events, in their order."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda ev: ev[0])
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return out, peak
 
 
 class PeakMemory:

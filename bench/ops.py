@@ -199,7 +199,8 @@ class Op:
     inputs: InputsFn = no_inputs
     """Adds the op's own inputs (reference model, given log-probs, ...) to the shared ones."""
     logit_copies: float = 3
-    """float32 N x V buffers the materializing reference holds at its peak (memory planning)."""
+    """float32 N x V buffers our materializing backend (`ours:torch`) holds at its peak (its memory
+    estimate). The `materialize` baseline's estimate is `footprint.py`, derived from its code."""
     tolerance: Mapping[str, float] = field(default_factory=lambda: TOLERANCE)
     """Normwise relative error allowed per input dtype."""
 

@@ -39,6 +39,10 @@ def no_env(device: str) -> dict:
     return {}
 
 
+def op_tolerance(point: Point) -> Optional[float]:
+    return None
+
+
 @dataclass(frozen=True)
 class Contender:
     name: str
@@ -53,6 +57,9 @@ class Contender:
     """Bytes this contender needs beyond the inputs; the planner skips points that do not fit."""
     env: Callable[[str], dict] = no_env
     """Extra environment variables of its worker process on a device ("cpu", "cuda")."""
+    tolerance: Callable[[Point], Optional[float]] = op_tolerance
+    """Normwise error allowed at a point; None: the op's (`Op.tolerance`). Only for a contender
+    whose rounding is its defining property (the baseline's bf16 logits on a GPU)."""
 
     def __post_init__(self):
         get_op(self.op)

@@ -1,4 +1,6 @@
-"""Stand-alone tools, run by path (`python bench/tools/<tool>.py`); none imports the benchmark.
+"""Stand-alone tools, run by path (`python bench/tools/<tool>.py`); none imports the benchmark
+package. Two of its stdlib-only files are loaded by path (`roofline.load_bench_file`):
+`bench/devices.py` (the one GPU table) and `bench/footprint.py` (the baseline's memory).
 
   triton_aot.py          compile every Triton kernel and autotune config for sm_80/sm_90 ahead
                          of time (no GPU) and check registers, spills and shared memory
