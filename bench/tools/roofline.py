@@ -53,6 +53,7 @@ def load_bench_file(name: str):
 
 
 devices = load_bench_file("devices")
+footprint = load_bench_file("footprint")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,12 +247,10 @@ def materialize(s: Shape, gemm_dtype: str = "bf16") -> Path:
         # back to bf16 for the GEMMs
         per += (6 if "softmax" in name else 6 if "backward" in name else 0) if low else 0
         steps.append(Step(name, hbm=per * nv, l2=per * nv, ew_flops=4 * nv, exps=nv))
-    # Live at the peak (the no_grad block), bytes per N x V element: the saved policy
-    # log-softmax, both models' logits, the policy and reference log-softmax, p, logp - logq,
-    # p * (logp - logq).
-    peak = (4 + 2 * ob + 4 + 4 + 4 + 4 + 4) * nv
-    if not low:
-        peak += (s.V + s.N) * s.H * 4       # the policy's fp32 operands, saved by autograd for the backward
+    # The peak, term by term as the bench's planner counts it (bench/footprint.py, measured on
+    # the allocator by tests/bench/test_memory_plan.py): at the no_grad KL block, both logits in
+    # the GEMM dtype and nine fp32 N x V buffers.
+    peak = footprint.materialize_peak_bytes(s.N, s.H, s.V, reference=True, gemm=ob, compute=4, inputs=s.b)
     title = ("materializing baseline (bf16 GEMMs, fp32 softmax)" if low else
              f"materializing baseline, upcast to fp32 ({'TF32' if gemm_dtype == 'tf32' else 'SGEMM'}), as the bench's")
     return Path("materialize" if low else f"materialize-{gemm_dtype}", title, steps, False, peak, True)
