@@ -18,6 +18,9 @@ INTERPRETER = "the Triton interpreter on CPU, correctness only (run with --conte
 SLOW_LCE = "~10-30x the GEMM floor on this CPU, minutes per point (run with --contenders torch:lce)"
 
 
+GPU_WARMUPS = 2
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -37,6 +40,12 @@ class Preset:
     """Timed seconds per (contender, point); a slower contender gets fewer timed runs (>= 1)."""
     checks: tuple[Check, ...] = ()
     """Targets evaluated on the run's rows (`checks.py`), after correctness."""
+
+    def warmups(self, device: str) -> int:
+        """Untimed runs per (contender, point): on a GPU at least `GPU_WARMUPS`, because the first
+        call compiles and autotunes (Triton) and the second may still meet a new autotune key or
+        a lazily loaded cuBLAS kernel; neither may land in a timed run."""
+        return max(self.warmup, GPU_WARMUPS) if device.startswith("cuda") else self.warmup
 
     def points(self, op: str, device: str) -> list[Point]:
         timed = [Point(op, n, h, v, dt, device) for dt, h, v, n in itertools.product(self.dtypes, self.Hs, self.Vs, self.Ns)]

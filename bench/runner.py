@@ -62,7 +62,7 @@ def run(settings: Settings) -> dict:
     workdir = tempfile.mkdtemp(prefix="tmp-", dir=settings.out)
     meta = {"id": run_id, "preset": settings.preset.name, "preset_description": settings.preset.description,
             "command": settings.command, "started": started.isoformat(timespec="seconds"),
-            "reps": settings.preset.reps, "warmup": settings.preset.warmup, "device": settings.device,
+            "reps": settings.preset.reps, "warmup": settings.preset.warmups(settings.device), "device": settings.device,
             "point_budget_s": settings.preset.point_budget_s,
             "isolation": settings.isolation, "load_start": list(os.getloadavg()),
             "machine": machine_info(settings.device), "versions": versions(), "git": git_revision()}
@@ -104,7 +104,7 @@ def _run_all(settings: Settings, workdir: str) -> list[dict]:
             if points:
                 env = contender.env(settings.device)
                 by_env.setdefault(tuple(sorted(env.items())), []).append((op, contender, points))
-    common = {"reps": settings.preset.reps, "warmup": settings.preset.warmup,
+    common = {"reps": settings.preset.reps, "warmup": settings.preset.warmups(settings.device),
               "point_budget_s": settings.preset.point_budget_s,
               "truth_dir": truth_dir if truth_ok else None, "memory": settings.memory}
     for op, contender, points in by_env.pop((), []):
@@ -156,7 +156,7 @@ def _time_floors(settings: Settings, plans: dict, workdir: str, when: str) -> di
         return {}
     _log(settings, f"GEMM floor for {len(shapes)} shape(s), {when}")
     res, err = _worker(settings, {"kind": "floor", "points": [p.to_dict() for p in shapes.values()],
-                                  "reps": settings.preset.reps, "warmup": settings.preset.warmup}, workdir)
+                                  "reps": settings.preset.reps, "warmup": settings.preset.warmups(settings.device)}, workdir)
     if err:
         _log(settings, f"floor failed: {err}")
     return {shape_key(Point(**item["point"])): item["gemms"] for item in res or []}

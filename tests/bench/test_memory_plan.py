@@ -258,3 +258,14 @@ def test_the_memory_runs_pick_the_method_per_point(monkeypatch):
     measure.time_contenders([cpu_task], reps=1, warmup=0, truth_dir=None, memory=True)
     assert seen == [("cpu", memory.cpu_memory_method())]
     assert strict == ([True] if memory.cpu_memory_method() else [])
+
+
+def test_a_gpu_run_warms_up_at_least_twice():
+    """The first GPU call compiles and autotunes; the second may meet a new autotune key: neither
+    may be timed. CPU presets keep their own count."""
+    from bench.presets import GPU_WARMUPS, PRESETS
+
+    assert GPU_WARMUPS >= 2
+    for preset in PRESETS.values():
+        assert preset.warmups("cuda") >= 2 and preset.warmups("cuda:1") >= 2
+        assert preset.warmups("cpu") == preset.warmup
