@@ -78,7 +78,7 @@ def _selftest(device: str | None, dtype: str) -> int:
     summary = selftest(device, dtype=dtype)
     failed = sorted(b for b, s in summary.items() if s.startswith("FAIL"))
     passed = sorted(b for b, s in summary.items() if s == "pass")
-    print(f"selftest: {len(passed)} backend(s) passed {passed}, {len(failed)} failed {failed}")
+    print(f"selftest: {len(passed)} passed {passed}, {len(failed)} failed {failed} (backends, and the reward corrections)")
     if not passed and not failed:
         print("selftest: no kernel backend runs here (only the torch reference); see the lines above for why")
     return 1 if failed else 0
