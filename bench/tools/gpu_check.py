@@ -9,7 +9,7 @@ capped at `TOTAL_BUDGET_S`); a stage that fails or runs out of time is reported 
 runs:
 
   env        versions, device, capability, memory, the device's dense bf16 peak, compute-sanitizer,
-             and whether the design's GEMM primitive exists (`torch.mm`/`addmm` with out_dtype=fp32)
+             and whether the CUDA path's GEMM primitive works (`torch.mm`/`addmm` with out_dtype=fp32)
   build      `pip install --no-build-isolation -e .` with VIMPO_CUDA_ARCHS = the device's
              capability, then `backend_status()`; dry: the installed extension is checked, not rebuilt
   selftest   `vimpo selftest --device cuda --dtype all` (7-row chunks: several per problem);
@@ -172,7 +172,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(device_name=p.name, capability="%d.%d" % (p.major, p.minor), sms=p.multi_processor_count,
                 memory_gib=round(p.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
-# The design's GEMM primitive (docs/roofline.md): bf16 operands accumulated into an fp32 output.
+# The CUDA path's GEMM primitive (csrc/logprobs_chunked.cpp, docs/roofline.md): bf16 operands accumulated into an fp32 output.
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 a = torch.randn(64, 32, device=dev).bfloat16(); b = torch.randn(32, 48, device=dev).bfloat16()
 want = a.double() @ b.double()

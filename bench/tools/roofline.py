@@ -289,7 +289,7 @@ class TritonPlan:
 
 
 def triton(s: Shape, dev: Device, plan: TritonPlan = TritonPlan(), key: str = "triton",
-           title: str = "Triton, as written", built: bool = True) -> Path:
+           title: str = "Triton", built: bool = True) -> Path:
     """vimpo_kernels/logprobs/triton_kernels.py: fwd_partials_kernel + merge, then bwd_kernel
     (recompute, atomics into fp32 d_hidden / d_weight)."""
     N, H, V, b = s.N, s.H, s.V, s.b
@@ -395,11 +395,11 @@ class ChunkPlan:
     """"fp32": operands upcast, SGEMM on CUDA cores; "tf32": the same with torch's allow_tf32 on;
     "bf16": bf16 operands, fp32 output (`torch.mm(..., out_dtype=torch.float32)`)."""
     weight_copies: bool = True
-    """Upcast copies of each weight per call (as written)."""
+    """Upcast copies of each weight per call (the loop at 60f47ef)."""
     dlogits_bytes: int = 4
     """The logit gradient written by the backward row pass (and read by two GEMMs)."""
     fused_exp: bool = False
-    """Row passes with one exp per logit (as written: the CUDA online merge takes two)."""
+    """Row passes with one exp per logit (at 60f47ef the CUDA online merge took two)."""
 
 
 def cuda_budget_rows(V: int, budget: int = 256 << 20, elem: int = 4) -> int:
@@ -445,19 +445,24 @@ def chunk_loop(s: Shape, plan: ChunkPlan, key: str, title: str, built: bool) -> 
 
 
 def paths(s: Shape, dev: Device) -> list[Path]:
-    """The main table's paths."""
+    """The main table's paths: the code as it is (keys "floor", "triton", "cuda", "materialize",
+    the ones `predicted_ms` and `gpu_check` put beside a measurement), then the two GPU paths as
+    issue 13 read them at commit 60f47ef, for the record."""
     cuda_rows = cuda_budget_rows(s.V)
     return [
         floor(s),
-        triton(s, dev),
-        chunk_loop(s, ChunkPlan(cuda_rows), "cuda", f"CUDA chunk loop, as written (fp32 SGEMM, {cuda_rows}-row chunks)",
-                   True),
+        triton(s, dev, TritonPlan(recompute_reference=False), "triton",
+               "Triton: atomic backward, no reference recompute for a detached KL"),
+        chunk_loop(s, DESIGN, "cuda", f"CUDA chunk loop: bf16 cuBLAS, fp32 out, {DESIGN.rows}-row chunks", True),
         materialize(s),
-        chunk_loop(s, DESIGN, "design", f"the design: bf16 cuBLAS, fp32 out, {DESIGN.rows}-row chunks (not built)",
-                   False),
+        triton(s, dev, key="triton-60f47ef", title="Triton at 60f47ef (issue 13's reading)", built=False),
+        chunk_loop(s, ChunkPlan(cuda_rows), "cuda-60f47ef",
+                   f"CUDA chunk loop at 60f47ef (fp32 SGEMM, {cuda_rows}-row chunks)", False),
     ]
 
 
+# The CUDA chunk loop as built (csrc/logprobs_chunked.cpp, docs/backends.md "CUDA path"): bf16
+# operands with fp32 GEMM output, 2048-row chunks, one exp per logit, bf16 logit gradients.
 DESIGN = ChunkPlan(rows=2048, gemm="bf16", weight_copies=False, dlogits_bytes=2, fused_exp=True)
 
 
@@ -465,16 +470,16 @@ def ladders(s: Shape, dev: Device) -> dict[str, list[Path]]:
     """What each fix buys, cumulatively."""
     rows = cuda_budget_rows(s.V)
     cuda = [
-        chunk_loop(s, ChunkPlan(rows), "cuda", f"as written: fp32 SGEMM, {rows}-row chunks", True),
+        chunk_loop(s, ChunkPlan(rows), "cuda-60f47ef", f"at 60f47ef: fp32 SGEMM, {rows}-row chunks", False),
         chunk_loop(s, ChunkPlan(rows, gemm="tf32"), "cuda-tf32",
                    "the same under `allow_tf32=True` (a global flag, not a fix: results change)", True),
         chunk_loop(s, ChunkPlan(rows, gemm="bf16", weight_copies=False, dlogits_bytes=2), "cuda-bf16",
                    f"bf16 operands, fp32 GEMM output, bf16 dlogits, {rows}-row chunks", False),
-        chunk_loop(s, DESIGN, "design", f"+ {DESIGN.rows}-row chunks, one exp per logit: the design", False),
+        chunk_loop(s, DESIGN, "cuda", f"+ {DESIGN.rows}-row chunks, one exp per logit: as built", True),
     ]
     tri = [
-        triton(s, dev),
-        triton(s, dev, TritonPlan(recompute_reference=False), "triton-nomat", "+ set_materialize_grads(False)", False),
+        triton(s, dev, key="triton-60f47ef", title="at 60f47ef", built=False),
+        triton(s, dev, TritonPlan(recompute_reference=False), "triton", "+ set_materialize_grads(False) (built)"),
         triton(s, dev, TritonPlan(recompute_reference=False, bwd_l2_resident=True), "triton-bwd-l2",
                "+ backward launch order keeping d_hidden L2-resident (not built: no gain)", False),
         triton(s, dev, TritonPlan(recompute_reference=False, fwd_l2_resident=True, bwd_l2_resident=True),
@@ -483,16 +488,16 @@ def ladders(s: Shape, dev: Device) -> dict[str, list[Path]]:
                                   bwd_l2_resident=True), "triton-128",
                "+ 128 x 128 tiles everywhere (spill today; needs warp specialization)", False),
     ]
-    det = [triton(s, dev, TritonPlan(recompute_reference=False), "triton-nomat", "atomic backward (the default)",
-                  True),
+    det = [triton(s, dev, TritonPlan(recompute_reference=False), "triton", "atomic backward (the default)", True),
            triton_deterministic(s, dev)]
     mat = [materialize(s), materialize(s, "fp32"), materialize(s, "tf32")]
     return {"cuda": cuda, "triton": tri, "triton-deterministic": det, "materialize": mat}
 
 
 def predicted_ms(key: str, N: int, H: int, V: int, device: str = "H100 SXM") -> float | None:
-    """Modeled milliseconds of a main-table path ("floor", "triton", "cuda", "materialize",
-    "design") at (N, H, V), bf16; None for an unknown key or device."""
+    """Modeled milliseconds of a main-table path ("floor", "triton", "cuda", "materialize", or
+    the issue's reading "triton-60f47ef", "cuda-60f47ef") at (N, H, V), bf16; None for an
+    unknown key or device."""
     dev = DEVICES.get(device)
     if dev is None:
         return None
@@ -515,10 +520,10 @@ def dweight_breakeven_rows(s: Shape, dev: Device) -> float:
 
 ISSUE_N16384 = {  # path key: (estimate seconds, fraction of peak as the issue states it, with 8 N H V)
     "floor": (0.082, None),
-    "triton": (0.65, 0.13),
-    "cuda": (1.9, None),
+    "triton-60f47ef": (0.65, 0.13),
+    "cuda-60f47ef": (1.9, None),
     "materialize": (0.26, None),
-    "design": (0.17, 0.48),
+    "cuda": (0.17, 0.48),  # the issue's "better design", now the built CUDA path
 }
 
 
@@ -531,7 +536,7 @@ def _f(x: float, digits: int = 1) -> str:
 
 
 def main_table(shapes: list[Shape], dev: Device) -> str:
-    rows = ["| N | path | built | HBM GB | L2 GB | L2 atomics GB | extra memory GB | modeled ms | x floor | "
+    rows = ["| N | path | in the code now | HBM GB | L2 GB | L2 atomics GB | extra memory GB | modeled ms | x floor | "
             "fraction of bf16 peak |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in shapes:
@@ -596,7 +601,7 @@ def facts(shapes: list[Shape], dev: Device) -> str:
     """The single figures the prose of docs/roofline.md quotes (sums and terms of the tables)."""
     out = []
     for s in shapes:
-        tri, mat, des = triton(s, dev), materialize(s), chunk_loop(s, DESIGN, "design", "", False)
+        tri, mat, des = triton(s, dev), materialize(s), chunk_loop(s, DESIGN, "cuda", "", True)
         rows = cuda_budget_rows(s.V)
         mat_ew = [st for st in mat.steps if st.flops == 0]
         out.append(f"- N={s.N}: floor at 100 % of peak {1e3 * 8 * s.nhv / dev.bf16:.1f} ms, at "
@@ -611,11 +616,11 @@ def facts(shapes: list[Shape], dev: Device) -> str:
                    f"peak {mat.extra_memory / GB:.1f} GB + inputs and gradients {inputs_bytes(s) / GB:.1f} GB = "
                    f"{(mat.extra_memory + inputs_bytes(s)) / 2**30:.1f} GiB (an H100 80GB has {dev.memory / 2**30:.1f} "
                    f"GiB; fp32 upcast as the bench's: {upcast / 2**30:.1f} GiB)")
-        out.append(f"  - CUDA as written: {rows}-row chunks = {math.ceil(s.N / rows)} chunks, the fp32 d_weight "
+        out.append(f"  - CUDA at 60f47ef: {rows}-row chunks = {math.ceil(s.N / rows)} chunks, the fp32 d_weight "
                    f"accumulator read + written {8 * s.V * s.H / GB:.2f} GB per chunk")
         gemm_ms = sum(st.seconds(dev) for st in des.steps if st.flops)
         rows_ms = sum(st.seconds(dev) for st in des.steps if "row pass" in st.name)
-        out.append(f"  - the design: GEMMs {1e3 * gemm_ms:.1f} ms, row passes {1e3 * rows_ms:.1f} ms, of "
+        out.append(f"  - CUDA as built: GEMMs {1e3 * gemm_ms:.1f} ms, row passes {1e3 * rows_ms:.1f} ms, of "
                    f"{1e3 * des.seconds(dev):.1f} ms")
     s = shapes[-1]
     out.append(f"- N={s.N}: d_weight addmm is MMA-bound above {dweight_breakeven_rows(s, dev):.0f} rows per chunk "
@@ -623,11 +628,11 @@ def facts(shapes: list[Shape], dev: Device) -> str:
     sens = []
     for eff in (0.5, 0.6, 0.7, 0.8, 0.9):
         d = replace(dev, gemm_eff=eff)
-        p = chunk_loop(s, DESIGN, "design", "", False)
+        p = chunk_loop(s, DESIGN, "cuda", "", True)
         t = p.seconds(d)
         sens.append(f"{100 * eff:.0f} % -> {1e3 * t:.0f} ms = {100 * p.useful_flops(s) / (t * d.bf16):.0f} %")
-    out.append(f"- N={s.N}: the design against the GEMM-efficiency assumption: " + "; ".join(sens))
-    for label, plan in (("as written", TritonPlan()),
+    out.append(f"- N={s.N}: the CUDA path as built against the GEMM-efficiency assumption: " + "; ".join(sens))
+    for label, plan in (("at 60f47ef", TritonPlan()),
                         ("with both fixes", TritonPlan(recompute_reference=False, fwd_l2_resident=True,
                                                        bwd_l2_resident=True))):
         fwd, bwd = triton(s, dev, plan).steps[:2]

@@ -36,16 +36,19 @@ def test_the_command_in_the_doc_prints_the_tables():
     assert roofline.render("main") in out
 
 
-def test_the_target_holds_on_the_model_and_only_for_the_design():
+def test_the_target_holds_on_the_model_for_the_built_cuda_path():
     """Issue 13's target: the GPU default path >= 50 % of H100 bf16 peak at N=16384 on the model
-    (useful FLOPs 8 NHV + 2 NHV recompute); the paths as written are far below it."""
+    (useful FLOPs 8 NHV + 2 NHV recompute); the CUDA chunk loop as built (csrc/logprobs_chunked.cpp)
+    meets it, Triton and both paths as issue 13 read them (60f47ef) are far below it."""
     dev = roofline.H100_SXM
     for N in (4096, 16384):
         s = roofline.Shape(N)
         frac = {p.key: p.useful_flops(s) / (p.seconds(dev) * dev.bf16) for p in roofline.paths(s, dev)}
-        assert frac["design"] >= 0.5
-        assert max(frac["triton"], frac["cuda"]) < 0.2
+        assert frac["cuda"] >= 0.5
+        assert max(frac["triton"], frac["triton-60f47ef"], frac["cuda-60f47ef"]) < 0.2
         assert frac["floor"] == pytest.approx(dev.gemm_eff)
+    built = {p.key for p in roofline.paths(roofline.Shape(4096), dev) if p.built}
+    assert built == {"floor", "triton", "cuda", "materialize"}
 
 
 def test_traffic_terms_match_their_closed_forms():
