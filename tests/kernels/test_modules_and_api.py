@@ -244,3 +244,15 @@ def test_deterministic_reaches_the_kernel_and_the_planner(monkeypatch):
                              config=VIMPOConfig(), backend="cpu", deterministic=True)[0] for _ in range(2)]
     assert seen == {"plan": True, "impl": True}
     assert torch.equal(runs[0], runs[1])
+
+
+def test_auto_routes_fp64_and_mixed_dtypes_away_from_triton(gpu_with_triton_only, monkeypatch):
+    """Triton computes in fp32 from fp32/bf16/fp16 operands of one dtype: `auto` sends fp64 and
+    mixed-dtype calls to the compiled CUDA backend (Triton would raise a TypeError)."""
+    cuda = torch.device("cuda")
+    status = dict(gpu_with_triton_only.backend_status())
+    status["cuda"] = (True, "simulated")
+    monkeypatch.setattr(gpu_with_triton_only, "backend_status", lambda: status)
+    assert plan("auto", cuda, torch.bfloat16, kl="exact").backend in ("triton", "cuda")
+    assert plan("auto", cuda, torch.float64, kl="exact").backend == "cuda"
+    assert plan("auto", cuda, torch.bfloat16, weight_dtype=torch.float32).backend == "cuda"
