@@ -32,6 +32,8 @@ def plot_metrics(metrics_path: Path, out_path: Path | None = None) -> Path:
         ("response length (held-out)", evals, "response_length"),
         ("KL to reference (nats/token)", train, "kl_mean"),
         ("entropy (sampled, nats/token)", train, "entropy"),
+        # Only when the appeals run (reward.appeal_fn): the online estimate of rho1.
+        ("false-negative rate estimate (appeals)", train, "fn_rate_estimate"),
     ]
     panels = [p for p in panels if any(p[2] in r for r in p[1])]
     # The collapse monitor's warnings (dotted) and the collapse itself (red), on every panel.
