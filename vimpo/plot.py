@@ -58,8 +58,17 @@ def plot_metrics(metrics_path: Path, out_path: Path | None = None) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = out_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    return save_figure(fig, out_path)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write `fig` to `path` through a temporary file and close it: a reader (a dashboard, the
+    next run's plot) never sees a half-written PNG."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    tmp.replace(path)
+    return path

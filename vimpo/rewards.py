@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from vimpo_kernels.vimpo_loss.reference import group_index, group_sum
+
 from . import toy
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], Sequence[float]]
@@ -243,12 +245,9 @@ def leave_one_out_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.T
     if values.shape != group_ids.shape or values.dim() != 1:
         raise ValueError(f"values and group_ids must both have shape (B,), got {tuple(values.shape)} "
                          f"and {tuple(group_ids.shape)}")
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    sums = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=values.dtype,
-                       device=values.device).index_add_(0, inverse, values)
-    counts = torch.bincount(inverse, minlength=sums.numel()).to(values.dtype)
-    others = counts[inverse] - 1
-    return torch.where(others > 0, (sums[inverse] - values) / others.clamp(min=1), torch.zeros_like(values))
+    index = group_index(group_ids)
+    others = group_sum(torch.ones_like(values), index) - 1
+    return torch.where(others > 0, (group_sum(values, index) - values) / others.clamp(min=1), torch.zeros_like(values))
 
 
 def corrected_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, correction: str, fp_rate: float,

@@ -38,7 +38,7 @@ import yaml
 
 from vimpo_kernels.algorithms import ALGORITHMS as REGISTRY
 
-from .plot import read_metrics
+from .plot import read_metrics, save_figure
 from .rewards import CORRECTIONS
 
 ALGORITHMS = tuple(REGISTRY)
@@ -470,11 +470,7 @@ def plot_study(rows: list[dict], path: Path) -> Path:
     else:
         axes[0][0].legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 TRACE_PANELS = (("reward_mean", "train reward"), ("kl_mean", "KL to reference (nats/token)"),
@@ -508,9 +504,7 @@ def plot_traces(runs: dict[str, Path], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def trace_table(runs: dict[str, Path]) -> str:

@@ -128,15 +128,6 @@ def _check_tf32_guard():
 # Deterministic mode: the planner's decision, on a simulated GPU machine (no GPU needed)
 
 
-@pytest.fixture
-def simulated_gpu(monkeypatch):
-    """A GPU machine where Triton and the compiled CUDA backend are both available."""
-    status = {"triton": (True, "ok"), "cuda": (True, "simulated"), "cpu": (False, "simulated"),
-              "torch": (True, "reference")}
-    monkeypatch.setattr(_backends, "backend_status", lambda: status)
-    return _backends
-
-
 @pytest.mark.parametrize("how", ["torch-flag", "argument"])
 def test_deterministic_requests_route_to_triton_on_cuda(simulated_gpu, monkeypatch, how):
     """Triton has a fixed-order backward now: a deterministic call (torch's global flag, or the

@@ -141,9 +141,10 @@ def _lazy(module: str, fn: str):
 
 # Each backend: (hidden (N,H), weight (V,H), targets (N,) int64, bias, ref_hidden (N,H) | None,
 # ref_weight | None, ref_bias, temperature, want_kl, want_entropy, topk, want_grad_norm,
-# *, deterministic) -> TokenStats of (N,); topk > 0: the KL is the candidate-set KL. The compiled backends' module
-# is imported here (it is light: the extension itself loads on first use), so that torch.compile
-# meets no import while tracing; Triton's stays lazy (importing triton costs seconds).
+# *, deterministic) -> TokenStats of (N,); topk > 0: the KL is the candidate-set KL. The
+# compiled backends' module is imported here (it is light: the extension itself loads on first
+# use), so that torch.compile meets no import while tracing; Triton's stays lazy (importing
+# triton costs seconds).
 _IMPLS = {
     "torch": _torch_impl,
     "triton": _lazy(".triton_function", "triton_linear_token_stats"),
